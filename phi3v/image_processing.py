@@ -1,0 +1,168 @@
+"""Phi3VImageProcessor: the HD transform of Phi-3(.5)-vision (PHI3V_SPEC section 3).
+
+Each image becomes a global 336x336 view plus up to `num_crops` 336x336 crops of a resized, white-padded copy,
+so that `pixel_values` is [num_images, num_crops + 1, 3, 336, 336] (unused crop slots are zeros) and
+`image_sizes` holds the (height, width) of the padded HD image, from which the token count follows.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of a PIL image; transparency is composited onto white (spec 3, step 1)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class Phi3VImageProcessor:
+    model_input_names = ["pixel_values", "image_sizes"]
+
+    def __init__(
+        self,
+        num_crops: int = 1,
+        num_img_tokens: int = 144,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb: bool = True,
+        crop_size: int = 336,
+        **kwargs,  # other keys of preprocessor_config.json (auto_map, processor_class, ...) are not ours
+    ):
+        self.num_crops = _check_num_crops(num_crops)
+        self.num_img_tokens = num_img_tokens
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.do_convert_rgb = do_convert_rgb
+        self.crop_size = crop_size
+        # Tokens per crop side after the 2x2 merge: 336 / 14 / 2 = 12 (so 144 tokens per crop).
+        self.merged_side = math.isqrt(num_img_tokens)
+        self._mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        self._std = torch.tensor(self.image_std).view(3, 1, 1)
+
+    # ---------------------------------------------------------------- sizes and token counts (numbers only)
+    def hd_size(self, width: int, height: int, num_crops: int | None = None) -> tuple[int, int]:
+        """(height, width) of the padded HD image for an input of `width` x `height` (spec 3, steps 2-5)."""
+        num_crops = self.num_crops if num_crops is None else _check_num_crops(num_crops)
+        transposed = width < height  # portrait images are planned as landscape, then transposed back
+        long_side, short_side = (height, width) if transposed else (width, height)
+        new_w, _, padded_h = self._landscape_plan(long_side, short_side, num_crops)
+        return (new_w, padded_h) if transposed else (padded_h, new_w)
+
+    def _landscape_plan(self, width: int, height: int, num_crops: int) -> tuple[int, int, int]:
+        """For width >= height: (resized width, resized height, padded height)."""
+        ratio = width / height
+        scale = 1  # crop columns; ceil(scale / ratio) rows must keep rows * cols <= num_crops
+        while scale * math.ceil(scale / ratio) <= num_crops:
+            scale += 1
+        scale -= 1
+        new_w = scale * self.crop_size
+        new_h = max(1, int(new_w / ratio))  # truncation as the reference; >= 1 is our guard for extreme ratios
+        return new_w, new_h, math.ceil(new_h / self.crop_size) * self.crop_size
+
+    def num_tokens_for_hd_size(self, hd_height: int, hd_width: int) -> int:
+        """Image tokens for a padded HD image: crops with a newline per row, glb_GN, global view with newlines."""
+        rows, cols = hd_height // self.crop_size, hd_width // self.crop_size
+        side = self.merged_side
+        return (rows * cols + 1) * side * side + 1 + (rows + 1) * side
+
+    def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
+        return self.num_tokens_for_hd_size(*self.hd_size(width, height, num_crops))
+
+    # ---------------------------------------------------------------- pixels
+    def hd_transform(self, image: Image.Image, num_crops: int) -> torch.Tensor:
+        """Resize and white-pad one RGB image to the HD grid; returns the normalised [3, H, W] float tensor."""
+        transposed = image.width < image.height
+        if transposed:  # process portrait images as landscape, then transpose back (spec 3, step 2)
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+        new_w, new_h, padded_h = self._landscape_plan(image.width, image.height, num_crops)
+        resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)  # = torchvision's resize on PIL
+        canvas = Image.new("RGB", (new_w, padded_h), (255, 255, 255))
+        canvas.paste(resized, (0, int((padded_h - new_h) / 2)))  # the odd pixel of padding goes to the bottom
+        if transposed:
+            canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+        pixels = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float().div_(255.0)
+        return (pixels - self._mean) / self._std
+
+    def preprocess(self, images, num_crops: int | None = None, return_tensors: str | None = "pt") -> BatchFeature:
+        """Images (a PIL image or a list of them) -> pixel_values, image_sizes and num_img_tokens."""
+        num_crops = self.num_crops if num_crops is None else _check_num_crops(num_crops)
+        if isinstance(images, Image.Image):
+            images = [images]
+        size = self.crop_size
+        all_crops, image_sizes, num_tokens = [], [], []
+        for index, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise ValueError(
+                    f"image {index + 1} is a {type(image).__name__}, not a PIL.Image.Image "
+                    "(open files with PIL.Image.open or phi3v.data.open_image first)"
+                )
+            if self.do_convert_rgb:
+                image = to_rgb(image)
+            hd = self.hd_transform(image, num_crops)
+            _, hd_h, hd_w = hd.shape
+            rows, cols = hd_h // size, hd_w // size
+            global_view = F.interpolate(hd[None], size=(size, size), mode="bicubic", align_corners=False)
+            # Row-major tiles: [3, rows*336, cols*336] -> [rows*cols, 3, 336, 336]
+            tiles = hd.reshape(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(-1, 3, size, size)
+            crops = torch.zeros(num_crops + 1, 3, size, size)
+            crops[0] = global_view[0]
+            crops[1 : 1 + rows * cols] = tiles
+            all_crops.append(crops)
+            image_sizes.append([hd_h, hd_w])
+            num_tokens.append(self.num_tokens_for_hd_size(hd_h, hd_w))
+        data = {
+            "pixel_values": torch.stack(all_crops) if all_crops else torch.zeros(0, num_crops + 1, 3, size, size),
+            "image_sizes": torch.tensor(image_sizes, dtype=torch.long).reshape(-1, 2),
+            "num_img_tokens": num_tokens,
+        }
+        return BatchFeature(data=data)
+
+    __call__ = preprocess
+
+    # ---------------------------------------------------------------- files
+    def to_dict(self) -> dict:
+        return {
+            "image_processor_type": "Phi3VImageProcessor",
+            "processor_class": "Phi3VProcessor",
+            "num_crops": self.num_crops,
+            "num_img_tokens": self.num_img_tokens,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "do_convert_rgb": self.do_convert_rgb,
+        }
+
+    def save_pretrained(self, save_directory):
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, "preprocessor_config.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, num_crops: int | None = None, **kwargs):
+        from phi3v.hub import resolve_file
+
+        with open(resolve_file(path_or_hub_id, "preprocessor_config.json", **kwargs)) as f:
+            config = json.load(f)
+        if num_crops is not None:
+            config["num_crops"] = num_crops
+        return cls(**config)
+
+
+def _check_num_crops(num_crops) -> int:
+    if not isinstance(num_crops, int) or isinstance(num_crops, bool) or num_crops < 1:
+        raise ValueError(f"num_crops must be a whole number >= 1, got {num_crops!r}")
+    return num_crops

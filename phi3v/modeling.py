@@ -1,0 +1,169 @@
+"""Phi3VForCausalLM: transformers' Phi-3 language model with the Phi-3-V image embedding in front.
+
+Parameter names are the official checkpoint's (spec 1.2): `model.embed_tokens`, `model.layers.*`, `model.norm`,
+`model.vision_embed_tokens.*`, `lm_head`, so `from_pretrained` / `save_pretrained` read and write the official
+layout (592 tensors at full size) with no key mapping of our own.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
+
+from phi3v.configuration import Phi3VConfig
+from phi3v.image_embedding import Phi3VImageEmbedding
+
+
+class Phi3VPreTrainedModel(Phi3PreTrainedModel):
+    config_class = Phi3VConfig
+    config: Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+    # Harmless extras some copies of the checkpoint carry: CLIP's position_ids buffer and the alias of
+    # embed_tokens that the reference image embedding kept as `wte` (spec 1.3).
+    _keys_to_ignore_on_load_unexpected = [r"\.position_ids$", r"vision_embed_tokens\.wte\.weight$"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Phi3VImageEmbedding):
+            std = self.config.initializer_range
+            nn.init.normal_(module.glb_GN, std=std)
+            nn.init.normal_(module.sub_GN, std=std)
+
+
+class Phi3VModel(Phi3Model):
+    """Phi3Model plus `vision_embed_tokens`; `embed()` merges image features into the token embeddings."""
+
+    config_class = Phi3VConfig
+    _keys_to_ignore_on_load_unexpected = Phi3VPreTrainedModel._keys_to_ignore_on_load_unexpected
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.embed_dropout = nn.Dropout(config.embd_pdrop)  # Phi3Model ignores embd_pdrop; the reference applies it
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None) -> torch.Tensor:
+        """Token embeddings with the image features written, in order, over the negative (image) ids."""
+        if pixel_values is not None and image_sizes is None:
+            raise ValueError("pixel_values were given without image_sizes: pass both (the processor returns both)")
+        image_slots = input_ids < 0
+        embeds = self.embed_tokens(input_ids.clamp(min=0))  # never mutate the caller's ids (spec 9.9)
+        if pixel_values is None:
+            if image_slots.any():
+                raise ValueError("input_ids contain image slots (negative ids) but no pixel_values were given")
+            return self.embed_dropout(embeds)
+        features = self.vision_embed_tokens(pixel_values, image_sizes)
+        num_slots = int(image_slots.sum())
+        if num_slots != features.shape[0]:
+            raise ValueError(
+                f"input_ids have {num_slots} image slots but the images give {features.shape[0]} image tokens: "
+                "were input_ids made by the processor with the same images and num_crops?"
+            )
+        embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), features.to(embeds.dtype))
+        return self.embed_dropout(embeds)
+
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Loss and logits. With `labels`, only the supervised positions go through `lm_head` and `logits` is
+        None: the [tokens x 32064] logits of a whole multimodal sequence are never built for training."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        total_length = past_length + inputs_embeds.shape[1]
+        if total_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"the sequence is {total_length} tokens long, more than the model's limit of "
+                f"{self.config.max_position_embeddings} (max_position_embeddings)"
+            )
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        loss = logits = None
+        if labels is not None:
+            loss = self.supervised_loss(hidden, labels, num_items_in_batch)
+        else:
+            if isinstance(logits_to_keep, int):
+                hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            else:
+                hidden = hidden[:, logits_to_keep]
+            logits = self.lm_head(hidden)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def supervised_loss(self, hidden, labels, num_items_in_batch=None) -> torch.Tensor:
+        """Shifted cross-entropy over labels != -100, computing logits (in fp32) only where a label is."""
+        shift_labels = labels[:, 1:]
+        keep = shift_labels != -100
+        logits = self.lm_head(hidden[:, :-1][keep]).float()
+        loss = F.cross_entropy(logits, shift_labels[keep], reduction="sum")
+        if num_items_in_batch is None:  # plain mean over supervised tokens
+            return loss / keep.sum().clamp(min=1)
+        # Gradient accumulation: the Trainer counts the tokens of all micro-batches of the step.
+        return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        pixel_values=None,
+        image_sizes=None,
+        **kwargs,
+    ):
+        # LongRoPE: keys cached under the short factors are wrong once the sequence passes
+        # original_max_position_embeddings; drop the cache once there and re-run the whole prefix (spec 6).
+        limit = self.config.original_max_position_embeddings
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if input_ids.shape[1] > limit and 0 < cached <= limit:
+            past_key_values = None
+            kwargs["next_sequence_length"] = None
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        # Image features are only needed while the prompt's image slots are in the input: the prefill step
+        # (and a re-prefill after the reset above). generate keeps the prompt's negative ids in input_ids.
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        model_inputs["pixel_values"] = pixel_values if prefill else None
+        model_inputs["image_sizes"] = image_sizes if prefill else None
+        return model_inputs
