@@ -1,0 +1,384 @@
+"""Load training/eval records from files, with errors that name the file and line.
+
+Every loader returns plain dict "records":
+
+    {
+      "id": str,              # from the data, else f"{file_stem}-{index}" (0-based record index)
+      "source": str,          # "data/train.jsonl:12" (1-based line) or "data/train.json[3]" (0-based index)
+      "images": list[str],    # absolute paths, in the order of the image tags
+      "video": str | None,    # absolute path; frames are sampled later by load_record_images
+      "messages": list[dict], # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    }
+
+User contents carry Phi-3-V tags <|image_1|> .. <|image_n|>, numbered in textual order across the
+whole conversation, each exactly once, n == len(images). A video record keeps one literal "<video>"
+placeholder in a user message and has no images until load_record_images samples its frames.
+
+Two input formats are accepted:
+
+* the project's jsonl: {"id", "system"?, "conversations": [{"images"?, "user", "assistant"}, ...]},
+  image paths relative to the image root (default: "images/" beside the data file). A turn whose user
+  text has no <|image_k|> tags gets one tag line per image of that turn prepended
+  ("<|image_3|>\\n<|image_4|>\\n" + user, numbers continuing across turns); if it has tags they must
+  be exactly that turn's numbers, in order.
+* LLaVA-style JSON (a list, or one record per line): {"id", "image" | "video", "conversations":
+  [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}, paths relative to
+  image_folder. <image> tags become <|image_k|>; a record with images but no <image> tag at all gets
+  them prepended to its first user turn, as LLaVA tools do.
+"""
+
+import json
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TAG_RE = re.compile(r"<\|image_(\d+)\|>")
+VIDEO_PLACEHOLDER = "<video>"
+LLAVA_IMAGE_TAG = "<image>"
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+MAX_REASONS_LOGGED = 5
+
+
+class BadSampleError(ValueError):
+    """A data problem. The message starts with where it came from: "data/train.jsonl:12: ..."."""
+
+
+def _image_tags(numbers):
+    """[1, 2] -> "<|image_1|>\\n<|image_2|>\\n": the tag block put in front of a prompt."""
+    return "".join(f"<|image_{k}|>\n" for k in numbers)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation shared by both formats
+
+
+def check_image_tags(messages, num_images, source):
+    """Check the tags are <|image_1|>..<|image_n|> in textual order, each once, n == num_images."""
+    found = []
+    for message in messages:
+        numbers = [int(k) for k in IMAGE_TAG_RE.findall(message["content"])]
+        if numbers and message["role"] != "user":
+            raise BadSampleError(
+                f"{source}: image tag <|image_{numbers[0]}|> in a {message['role']} message; "
+                "tags belong in user messages"
+            )
+        found += numbers
+    if len(found) != num_images:
+        raise BadSampleError(f"{source}: {len(found)} image tags but {num_images} images")
+    if found != list(range(1, num_images + 1)):
+        got = ", ".join(f"<|image_{k}|>" for k in found)
+        raise BadSampleError(
+            f"{source}: image tags must be <|image_1|>..<|image_{num_images}|> in order, each once; got {got}"
+        )
+
+
+def _check_turns(messages, source):
+    """Optional system message, then user/assistant alternating, ending with a non-empty answer."""
+    roles = [m["role"] for m in messages]
+    if roles and roles[0] == "system":
+        roles = roles[1:]
+    if not roles:
+        raise BadSampleError(f"{source}: conversation has no user/assistant turns")
+    for i, role in enumerate(roles):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise BadSampleError(
+                f"{source}: turn {i + 1} is from {role!r}, expected {expected!r} "
+                "(turns must alternate user/assistant, starting with user)"
+            )
+    if roles[-1] != "assistant":
+        raise BadSampleError(
+            f"{source}: conversation ends with a user turn; the last turn must be the assistant's answer"
+        )
+    for m in messages:
+        if not isinstance(m["content"], str):
+            kind = type(m["content"]).__name__
+            raise BadSampleError(f"{source}: {m['role']} content must be a string, got {kind}")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise BadSampleError(f"{source}: empty assistant answer")
+
+
+def _resolve_path(path, root, source, kind="image"):
+    """Absolute path of a media file; relative paths must stay inside root and the file must exist."""
+    if not isinstance(path, str) or not path:
+        raise BadSampleError(f"{source}: {kind} path must be a non-empty string, got {path!r}")
+    if os.path.isabs(path):
+        full = os.path.normpath(path)
+    else:
+        if root is None:
+            raise BadSampleError(f"{source}: relative {kind} path {path!r} needs an image_folder")
+        root = os.path.abspath(root)
+        # normpath, not realpath: symlinks inside the image folder pointing elsewhere are fine
+        full = os.path.normpath(os.path.join(root, path))
+        if os.path.commonpath([root, full]) != root:
+            raise BadSampleError(f"{source}: {kind} path {path!r} resolves outside the image folder {root}")
+    if not os.path.isfile(full):
+        raise BadSampleError(f"{source}: {kind} file not found: {full}")
+    return full
+
+
+def _require(obj, key, kind, source):
+    if key not in obj:
+        raise BadSampleError(f"{source}: missing key {key!r}")
+    if not isinstance(obj[key], kind):
+        raise BadSampleError(f"{source}: {key!r} must be a {kind.__name__}, got {type(obj[key]).__name__}")
+    return obj[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# the two record formats
+
+
+def _parse_project(obj, source, image_root):
+    """The project's jsonl record -> record dict (id filled in by the caller)."""
+    messages = []
+    if "system" in obj:
+        messages.append({"role": "system", "content": _require(obj, "system", str, source)})
+    images = []
+    for t, turn in enumerate(obj["conversations"], start=1):
+        where = f"{source}: turn {t}"
+        if not isinstance(turn, dict):
+            raise BadSampleError(f"{where}: must be an object with 'user' and 'assistant'")
+        user = _require(turn, "user", str, where)
+        answer = _require(turn, "assistant", str, where)
+        paths = turn.get("images") or []
+        if not isinstance(paths, list):
+            raise BadSampleError(f"{where}: 'images' must be a list of paths")
+        numbers = list(range(len(images) + 1, len(images) + len(paths) + 1))
+        tagged = [int(k) for k in IMAGE_TAG_RE.findall(user)]
+        if not tagged:
+            user = _image_tags(numbers) + user
+        elif tagged != numbers:
+            want = ", ".join(f"<|image_{k}|>" for k in numbers) or "none"
+            got = ", ".join(f"<|image_{k}|>" for k in tagged)
+            raise BadSampleError(f"{where}: user text has image tags {got} but this turn's images need {want}")
+        images += [_resolve_path(p, image_root, where) for p in paths]
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    _check_turns(messages, source)
+    return {"images": images, "video": None, "messages": messages}
+
+
+def _parse_llava(obj, source, image_folder):
+    """A LLaVA-style record -> record dict (id filled in by the caller)."""
+    messages = []
+    for t, turn in enumerate(obj["conversations"], start=1):
+        where = f"{source}: turn {t}"
+        if not isinstance(turn, dict):
+            raise BadSampleError(f"{where}: must be an object with 'from' and 'value'")
+        sender = _require(turn, "from", str, where)
+        if sender.lower() not in LLAVA_ROLES:
+            known = ", ".join(LLAVA_ROLES)
+            raise BadSampleError(f"{where}: unknown 'from' value {sender!r} (expected one of {known})")
+        messages.append({"role": LLAVA_ROLES[sender.lower()], "content": _require(turn, "value", str, where)})
+    _check_turns(messages, source)  # first: the tag handling below needs a user turn
+
+    if obj.get("image") and obj.get("video"):  # null/empty keys are common in mixed datasets
+        raise BadSampleError(f"{source}: record has both 'image' and 'video'")
+    paths = obj.get("image") or []
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list):
+        raise BadSampleError(f"{source}: 'image' must be a path or a list of paths")
+    first_user = next(m for m in messages if m["role"] == "user")
+
+    for tag in (LLAVA_IMAGE_TAG, VIDEO_PLACEHOLDER):
+        for m in messages:
+            if m["role"] != "user" and tag in m["content"]:
+                raise BadSampleError(f"{source}: {tag} tag in a {m['role']} message; tags belong in user messages")
+
+    num_tags = sum(m["content"].count(LLAVA_IMAGE_TAG) for m in messages)
+    # already in Phi-3-V form (<|image_k|>): keep, check_image_tags validates them later
+    pretagged = num_tags == 0 and any(IMAGE_TAG_RE.search(m["content"]) for m in messages)
+    if paths and num_tags == 0 and not pretagged:
+        # what LLaVA tools do with untagged images: put them before the first question
+        first_user["content"] = (LLAVA_IMAGE_TAG + "\n") * len(paths) + first_user["content"]
+    elif num_tags != len(paths) and not pretagged:
+        raise BadSampleError(f"{source}: {num_tags} <image> tags but {len(paths)} images")
+    counter = iter(range(1, len(paths) + 1))
+    for m in messages:
+        m["content"] = re.sub(re.escape(LLAVA_IMAGE_TAG), lambda _: f"<|image_{next(counter)}|>", m["content"])
+
+    video = obj.get("video")
+    num_video_tags = sum(m["content"].count(VIDEO_PLACEHOLDER) for m in messages)
+    if video is not None:
+        if num_video_tags == 0:
+            first_user["content"] = VIDEO_PLACEHOLDER + "\n" + first_user["content"]
+        elif num_video_tags > 1:
+            raise BadSampleError(f"{source}: {num_video_tags} <video> tags; a video record needs exactly one")
+        video = _resolve_path(video, image_folder, source, kind="video")
+    elif num_video_tags:
+        raise BadSampleError(f"{source}: <video> tag but the record has no 'video'")
+
+    images = [_resolve_path(p, image_folder, source) for p in paths]
+    return {"images": images, "video": video, "messages": messages}
+
+
+def _parse_record(obj, source, default_id, image_folder, data_path):
+    if not isinstance(obj, dict):
+        raise BadSampleError(f"{source}: record must be a JSON object, got {type(obj).__name__}")
+    turns = _require(obj, "conversations", list, source)
+    if not turns:
+        raise BadSampleError(f"{source}: 'conversations' is empty")
+    first = turns[0] if isinstance(turns[0], dict) else {}
+    if "from" in first or "value" in first:
+        record = _parse_llava(obj, source, image_folder)
+    elif "user" in first or "assistant" in first:
+        image_root = image_folder if image_folder is not None else data_path.parent / "images"
+        record = _parse_project(obj, source, image_root)
+    else:
+        raise BadSampleError(
+            f"{source}: cannot tell the format: conversation turns need 'from'/'value' (LLaVA) "
+            "or 'user'/'assistant' keys"
+        )
+    check_image_tags(record["messages"], len(record["images"]), source)
+    record_id = obj.get("id")
+    return {"id": str(record_id) if record_id is not None else default_id, "source": source, **record}
+
+
+def _read_raw(path):
+    """Yield (source, json-or-error) for each record: a JSON list file, or one JSON object per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadSampleError(f"{path}: data file not found") from None
+    except UnicodeDecodeError as e:
+        raise BadSampleError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            # one broken list spoils the whole file, so this is never skippable
+            raise BadSampleError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+        for i, obj in enumerate(items):
+            yield f"{path}[{i}]", obj
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{lineno}"
+        try:
+            yield source, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield source, BadSampleError(f"{source}: line is not valid JSON: {e.msg} (column {e.colno})")
+
+
+def load_records_with_report(path, image_folder=None, skip_bad_samples=False):
+    """Load and validate every record of `path`; return (records, reasons the skipped ones were bad)."""
+    path = Path(path)
+    records, skipped = [], []
+    for index, (source, obj) in enumerate(_read_raw(path)):
+        try:
+            if isinstance(obj, BadSampleError):
+                raise obj
+            records.append(_parse_record(obj, source, f"{path.stem}-{index}", image_folder, path))
+        except BadSampleError as e:
+            if not skip_bad_samples:
+                raise
+            skipped.append(str(e))
+    if skipped:
+        logger.warning(
+            "%s: skipped %d bad record(s), kept %d. First reasons:\n  %s",
+            path, len(skipped), len(records), "\n  ".join(skipped[:MAX_REASONS_LOGGED]),
+        )
+    if not records:
+        why = f" ({len(skipped)} skipped as bad)" if skipped else " (the file has no records)"
+        raise BadSampleError(f"{path}: no usable records{why}")
+    return records, skipped
+
+
+def load_records(path, image_folder=None, skip_bad_samples=False):
+    """Load and validate every record of `path` (project jsonl or LLaVA JSON/jsonl)."""
+    return load_records_with_report(path, image_folder, skip_bad_samples)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# images and video frames
+
+
+def _to_rgb(img):
+    """Any PIL mode -> RGB; transparent pixels are composited onto white, not black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+        # 16-bit grey: scale to 8 bits instead of letting convert() clip everything above 255
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path_or_pil, source):
+    """Open an image fully (so truncation shows up now) and return it as an upright RGB image.
+
+    A PIL image passed in (e.g. a video frame) is taken as already oriented; it is only checked
+    for size and converted to RGB.
+    """
+    if isinstance(path_or_pil, Image.Image):
+        name, img = "<in-memory image>", path_or_pil
+        img.load()
+    else:
+        name = str(path_or_pil)
+        try:
+            with warnings.catch_warnings():
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse both
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(name) as f:
+                    f.load()
+                    img = ImageOps.exif_transpose(f)
+        except FileNotFoundError:
+            raise BadSampleError(f"{source}: image file not found: {name}") from None
+        except UnidentifiedImageError:
+            raise BadSampleError(f"{source}: not an image file (or unsupported format): {name}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadSampleError(
+                f"{source}: image too large, refused as a possible decompression bomb: {name} ({e})"
+            ) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
+    width, height = img.size
+    if width < 2 or height < 2:
+        raise BadSampleError(f"{source}: image is {width}x{height} pixels (need at least 2x2): {name}")
+    return _to_rgb(img)
+
+
+def load_record_images(record, max_num_frames=10):
+    """Open a record's images, or sample its video's frames; return (images, messages).
+
+    For a video record the "<video>" placeholder (and one newline right after it, if any) is
+    replaced by one tag line per frame, "<|image_1|>\\n<|image_2|>\\n...<|image_n|>\\n", so
+    "<video>\\nWhat happens?" becomes "<|image_1|>\\n...<|image_n|>\\nWhat happens?".
+    The record itself is not modified.
+    """
+    source = record["source"]
+    messages = [dict(m) for m in record["messages"]]
+    if record.get("video"):
+        # video decoding pulls in PyAV; only import it when a record has a video
+        from phi3v.video import VideoError, read_video_frames
+
+        try:
+            frames = read_video_frames(record["video"], max_num_frames, max_frames=True)
+        except VideoError as e:
+            raise BadSampleError(f"{source}: cannot read video: {e}") from None  # e names the file
+        if not frames:
+            raise BadSampleError(f"{source}: no frames decoded from video {record['video']}")
+        images = [open_image(frame, source) for frame in frames]
+        tags = _image_tags(range(1, len(images) + 1))
+        placeholders = [m for m in messages if VIDEO_PLACEHOLDER in m["content"]]
+        if len(placeholders) != 1 or placeholders[0]["content"].count(VIDEO_PLACEHOLDER) != 1:
+            raise BadSampleError(f"{source}: a video record needs exactly one <video> placeholder")
+        m = placeholders[0]
+        m["content"] = re.sub(re.escape(VIDEO_PLACEHOLDER) + r"\n?", lambda _: tags, m["content"], count=1)
+    else:
+        images = [open_image(p, source) for p in record["images"]]
+    check_image_tags(messages, len(images), source)
+    return images, messages

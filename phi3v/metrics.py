@@ -1,0 +1,92 @@
+"""Evaluation metrics in pure Python: ANLS (DocVQA) and multiple-choice accuracy."""
+
+import re
+import string
+
+
+def _normalize(text):
+    """Lower-case, strip, and collapse internal whitespace to single spaces."""
+    return " ".join(text.lower().split())
+
+
+def _levenshtein(a, b):
+    """Edit distance (insertions, deletions, substitutions all cost 1), two rows of DP."""
+    if len(a) < len(b):
+        a, b = b, a  # keep the rows as short as the shorter string
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def anls(prediction, answers, threshold=0.5):
+    """ANLS of one prediction: max over gold answers of 1 - NL, or 0 where NL >= threshold.
+
+    NL = _levenshtein(a, b) / max(len(a), len(b)) on normalised strings (0 for two empty strings).
+    """
+    if isinstance(answers, str):
+        answers = [answers]  # a bare string would otherwise be scored character by character
+    if not answers:
+        raise ValueError("anls needs at least one gold answer")
+    pred = _normalize(prediction)
+    best = 0.0
+    for answer in answers:
+        gold = _normalize(answer)
+        longest = max(len(pred), len(gold))
+        nl = _levenshtein(pred, gold) / longest if longest else 0.0
+        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+    return best
+
+
+def mean_anls(predictions, answers_list, threshold=0.5):
+    """Average ANLS over a dataset; answers_list[i] holds the gold answers of predictions[i]."""
+    if len(predictions) != len(answers_list):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers_list)} answer lists")
+    if not predictions:
+        raise ValueError("mean_anls of no predictions")
+    return sum(anls(p, a, threshold) for p, a in zip(predictions, answers_list)) / len(predictions)
+
+
+def parse_choice(text, choices):
+    """Map a generated answer to one of `choices`, or None (which counts as wrong).
+
+    1. Strip whitespace and trailing punctuation; a case-insensitive exact match wins.
+    2. Otherwise take the choice found as a whole word/phrase (not inside a longer word) at the
+       earliest position in the text; at the same position the longest choice wins, so with
+       choices "Apply Eye" and "Apply Eye Makeup" the text "Apply Eye Makeup." gives the latter.
+    3. Otherwise None.
+    """
+    cleaned = _normalize(text.strip().rstrip(string.punctuation + string.whitespace))
+    for choice in choices:
+        if _normalize(choice) == cleaned:
+            return choice
+
+    best, best_key = None, None
+    for choice in choices:
+        words = choice.split()
+        if not words:
+            continue
+        # whole phrase: no word character right before or after; any whitespace between words
+        pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+        match = re.search(pattern, text, flags=re.IGNORECASE)
+        if match:
+            key = (match.start(), -len(choice))
+            if best_key is None or key < best_key:
+                best, best_key = choice, key
+    return best
+
+
+def accuracy(predictions, golds, choices):
+    """Fraction of predictions whose parse_choice equals the gold class (case-insensitive)."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions but {len(golds)} gold labels")
+    if not predictions:
+        raise ValueError("accuracy of no predictions")
+    correct = 0
+    for prediction, gold in zip(predictions, golds):
+        parsed = parse_choice(prediction, choices)
+        correct += parsed is not None and _normalize(parsed) == _normalize(gold)
+    return correct / len(predictions)
