@@ -30,11 +30,20 @@ class Phi3VImageEmbedding(nn.Module):
         self.layers_used = layer_idx if layer_idx >= 0 else num_layers + 1 + layer_idx
         if not 0 <= self.layers_used <= num_layers:
             raise ValueError(f"img_processor.layer_idx {layer_idx} is outside the {num_layers} CLIP layers")
+        self.freeze_unused_layers()
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, 4 * dim))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, 4 * dim))
         self.img_projection = nn.Sequential(
             nn.Linear(4 * dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
         )
+
+    def freeze_unused_layers(self) -> None:
+        """CLIP layers after the feature layer and post_layernorm never get a gradient: freeze them so that DDP
+        and ZeRO do not wait for their gradients (they stay in the checkpoint all the same)."""
+        clip = self.vision_model
+        for layer in clip.encoder.layers[self.layers_used :]:
+            layer.requires_grad_(False)
+        clip.post_layernorm.requires_grad_(False)
 
     @property
     def vision_model(self) -> CLIPVisionModel:

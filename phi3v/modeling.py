@@ -72,6 +72,12 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.model.vision_embed_tokens.freeze_unused_layers()  # loading makes fresh (trainable) parameters
+        return model
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -36,12 +36,14 @@ END_OF_TEXT = "<|endoftext|>"  # 32000: eos and pad
 PACKAGED_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer.json")
 
 
-def check_image_tags(text: str, num_images: int) -> None:
-    """Tags must be <|image_1|> .. <|image_n|> in textual order, each once, with n == num_images."""
+def check_image_tags(text: str, num_images: int, first: int = 1) -> None:
+    """Tags must be <|image_first|>, <|image_first+1|>, ... in textual order, each once, num_images of them."""
     numbers = [int(k) for k in IMAGE_TAG.findall(text)]
-    if numbers != list(range(1, len(numbers) + 1)):
+    if numbers != list(range(first, first + len(numbers))):
         found = ", ".join(f"<|image_{k}|>" for k in numbers)
-        raise ValueError(f"image tags must be <|image_1|>, <|image_2|>, ... in order, each once; found {found}")
+        raise ValueError(
+            f"image tags must be <|image_{first}|>, <|image_{first + 1}|>, ... in order, each once; found {found}"
+        )
     if len(numbers) != num_images:
         raise ValueError(f"the prompt has {len(numbers)} image tag(s) but {num_images} image(s) were given")
 
@@ -101,13 +103,16 @@ class Phi3VProcessor:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def encode_prompt(self, text: str, image_token_counts: list[int]) -> list[int]:
-        """Ids of one prompt: every text chunk with its BOS, tag k as -k repeated image_token_counts[k-1] times."""
-        check_image_tags(text, len(image_token_counts))
+    def encode_prompt(self, text: str, image_token_counts: list[int], first_image: int = 1) -> list[int]:
+        """Ids of one prompt: every text chunk with its BOS, tag k as -k repeated for each of image k's tokens.
+
+        `first_image` is the number of the first tag in `text` (a later turn of a conversation continues the
+        numbering); image_token_counts[i] is the token count of image first_image + i."""
+        check_image_tags(text, len(image_token_counts), first_image)
         chunks = IMAGE_TAG_SPLIT.split(text)
         encoded = self.tokenizer(chunks, add_special_tokens=True)["input_ids"]
         ids = list(encoded[0])
-        for k, (count, chunk_ids) in enumerate(zip(image_token_counts, encoded[1:]), start=1):
+        for k, (count, chunk_ids) in enumerate(zip(image_token_counts, encoded[1:]), start=first_image):
             ids.extend([-k] * count)
             ids.extend(chunk_ids)
         return ids

@@ -1,0 +1,63 @@
+"""SFTDataset: records (or any rows plus a function that turns a row into a record) -> training examples."""
+
+import logging
+
+import torch
+
+from phi3v.collator import tokenize_conversation
+from phi3v.data import BadSampleError, load_record_images
+
+logger = logging.getLogger(__name__)
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Map-style dataset of tokenized conversations; images are opened and processed when an item is read.
+
+    rows: records (phi3v.data) or anything indexable whose items `to_record` turns into records (for
+    example a Hugging Face dataset split, whose images stay undecoded until used).
+    With skip_bad_samples, an item that fails (corrupt image, too long, ...) is logged and replaced by the
+    next good one, so a single bad file does not stop a long run.
+    """
+
+    def __init__(
+        self,
+        rows,
+        processor,
+        to_record=None,
+        num_crops=None,
+        max_length=None,
+        max_num_frames=10,
+        skip_bad_samples=False,
+    ):
+        self.rows = rows
+        self.processor = processor
+        self.to_record = to_record
+        self.num_crops = num_crops
+        self.max_length = max_length
+        self.max_num_frames = max_num_frames
+        self.skip_bad_samples = skip_bad_samples
+
+    def __len__(self):
+        return len(self.rows)
+
+    def record(self, index) -> dict:
+        row = self.rows[index]
+        return self.to_record(row, index) if self.to_record is not None else row
+
+    def example(self, index) -> dict:
+        record = self.record(index)
+        images, messages = load_record_images(record, self.max_num_frames)
+        try:
+            return tokenize_conversation(self.processor, messages, images, self.num_crops, self.max_length)
+        except ValueError as error:
+            raise BadSampleError(f"{record['source']}: {error}") from None
+
+    def __getitem__(self, index):
+        if not self.skip_bad_samples:
+            return self.example(index)
+        for attempt in range(len(self)):
+            try:
+                return self.example((index + attempt) % len(self))
+            except BadSampleError as error:
+                logger.warning("skipping bad sample: %s", error)
+        raise BadSampleError("every sample of the dataset is bad")

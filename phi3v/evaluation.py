@@ -1,0 +1,85 @@
+"""Generation-based evaluation: batched greedy answers, sharded across ranks, scored, written to JSON."""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from phi3v.collator import generation_prompt
+from phi3v.data import load_record_images
+
+# The chat model ends its answer with <|end|> (32007), sometimes followed by <|endoftext|> (32000) (spec 8).
+STOP_TOKEN_IDS = [32007, 32000]
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    processor,
+    dataset,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    num_crops=None,
+    progress: bool = True,
+    description: str = "eval",
+) -> list[dict]:
+    """Greedy answers for every record of an SFTDataset: [{"id", "prediction", "answer"}] in dataset order.
+
+    Each rank answers every world_size-th record (left-padded batches); the results are gathered on all ranks.
+    """
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    indices = list(range(rank, len(dataset), world_size))
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    was_training = model.training
+    model.eval()
+    results = []
+    batches = range(0, len(indices), batch_size)
+    for start in tqdm(batches, desc=description, disable=not progress or rank != 0):
+        prompts, image_lists, records = [], [], []
+        for index in indices[start : start + batch_size]:
+            record = dataset.record(index)
+            images, messages = load_record_images(record, dataset.max_num_frames)
+            prompt, answer = generation_prompt(processor, messages)
+            prompts.append(prompt)
+            image_lists.append(images)
+            records.append((index, record["id"], answer, record.get("answers")))
+        inputs = processor(prompts, image_lists, num_crops=num_crops or dataset.num_crops, padding_side="left")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=STOP_TOKEN_IDS,
+            pad_token_id=processor.pad_token_id,
+        )
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        for (index, record_id, answer, answers), ids in zip(records, new_tokens):
+            item = {"index": index, "id": record_id, "prediction": processor.decode(ids).strip(), "answer": answer}
+            if answers is not None:  # several gold answers (DocVQA)
+                item["answers"] = list(answers)
+            results.append(item)
+    if was_training:
+        model.train()
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, results)
+        results = [item for part in gathered for item in part]
+    results.sort(key=lambda item: item["index"])
+    return [{k: v for k, v in item.items() if k != "index"} for item in results]
+
+
+def write_report(path: str, metric_name: str, metric: float, predictions: list[dict], extra: dict | None = None) -> dict:
+    """eval_before.json / eval_after.json: the metric, how many samples, and every prediction."""
+    report = {metric_name: metric, "num_samples": len(predictions), **(extra or {}), "predictions": predictions}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+    return report

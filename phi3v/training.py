@@ -1,0 +1,100 @@
+"""What every recipe does around the Trainer: the model for a strategy, the Trainer, saving the result."""
+
+import logging
+import os
+
+import torch
+from transformers import Trainer
+
+from phi3v.arguments import model_dtype
+from phi3v.collator import Phi3VDataCollator
+from phi3v.model_setup import (
+    apply_lora,
+    count_parameters,
+    freeze_vision_tower,
+    load_model,
+    lora_target_modules,
+    prepare_for_kbit_training,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+    )
+
+
+def model_for_training(args, training_args):
+    """Load the model and prepare it for the chosen strategy: full, frozen vision, LoRA or QLoRA."""
+    model = load_model(
+        args.model_name_or_path,
+        dtype=model_dtype(training_args),
+        use_flash_attention=args.use_flash_attention,
+        use_qlora=args.use_qlora,
+    )
+    if args.freeze_vision_model:
+        freeze_vision_tower(model)
+    if args.use_qlora:
+        model = prepare_for_kbit_training(model)
+    if args.use_lora:
+        vision = not args.freeze_vision_model
+        model = apply_lora(
+            model,
+            rank=args.lora_rank,
+            alpha=args.lora_rank * args.lora_alpha_ratio,
+            dropout=args.lora_dropout,
+            target_modules=lora_target_modules(model, vision=vision),
+        )
+    if not args.use_qlora and not training_args.deepspeed:
+        model.to(training_args.device)
+    trainable, total = count_parameters(model)
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def make_trainer(model, training_args, train_dataset, processor, callbacks=None) -> Trainer:
+    if len(train_dataset) == 0:
+        raise ValueError("the training split is empty")
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=Phi3VDataCollator(processor.pad_token_id),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+
+def save_outputs(trainer: Trainer, processor, args) -> None:
+    """Save the model (full: official layout; LoRA: the adapter, plus a merged model with --merge_lora)."""
+    output_dir = trainer.args.output_dir
+    trainer.save_model(output_dir)
+    if trainer.args.process_index == 0:
+        processor.save_pretrained(output_dir)
+    if args.use_lora and args.merge_lora:
+        merged_dir = os.path.join(output_dir, "merged")
+        merge_lora(trainer.model, merged_dir, processor, quantized=args.use_qlora, main=trainer.args.process_index == 0)
+
+
+def merge_lora(peft_model, merged_dir, processor, quantized=False, main=True) -> None:
+    """Fold the LoRA weights into the base model and save it in the official layout."""
+    if quantized:
+        logger.warning(
+            "--merge_lora with QLoRA: merge the adapter into the bf16 base model with scripts/merge_lora.py "
+            "(merging into 4-bit weights would lose precision); skipped here"
+        )
+        return
+    if not main:
+        return
+    import copy
+
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    processor.save_pretrained(merged_dir)
+    logger.info("merged model saved to %s", merged_dir)
+    del merged
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
