@@ -109,14 +109,7 @@ def parse_args(task_class=None, argv=None, **script_defaults):
         derived["fp16"] = True  # the original recipe: fp16 mixed precision unless --bf16
     if "--gradient_accumulation_steps" not in argv:
         per_gpu = known.per_device_train_batch_size if "--per_device_train_batch_size" in argv else known.batch_size_per_gpu
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        accumulation = max(1, known.batch_size // (per_gpu * world_size))
-        if per_gpu * world_size * accumulation != known.batch_size:
-            logger.warning(
-                "--batch_size %d is not a multiple of %d per GPU x %d GPUs: training with a global batch of %d",
-                known.batch_size, per_gpu, world_size, per_gpu * world_size * accumulation,
-            )
-        derived.update(per_device_train_batch_size=per_gpu, gradient_accumulation_steps=accumulation)
+        derived.update(split_global_batch(known.batch_size, per_gpu, int(os.environ.get("WORLD_SIZE", 1))))
     parser.set_defaults(**derived)
 
     parsed = parser.parse_args_into_dataclasses(args=argv)
@@ -125,6 +118,17 @@ def parse_args(task_class=None, argv=None, **script_defaults):
     if recipe_args.use_qlora:
         recipe_args.use_lora = True
     return recipe_args, task_args, training_args
+
+
+def split_global_batch(batch_size: int, per_gpu: int, world_size: int) -> dict:
+    """Per-GPU batch and gradient accumulation for a global batch (rounded down, with a warning)."""
+    accumulation = max(1, batch_size // (per_gpu * world_size))
+    if per_gpu * world_size * accumulation != batch_size:
+        logger.warning(
+            "--batch_size %d is not a multiple of %d per GPU x %d GPUs: training with a global batch of %d",
+            batch_size, per_gpu, world_size, per_gpu * world_size * accumulation,
+        )
+    return {"per_device_train_batch_size": per_gpu, "gradient_accumulation_steps": accumulation}
 
 
 def _checkpointing_defaults() -> dict:

@@ -10,7 +10,9 @@ from phi3v.modeling import Phi3VForCausalLM
 
 logger = logging.getLogger(__name__)
 
-LANGUAGE_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # + lm_head, as the original recipe
+# Not lm_head (the original recipe adapted it too): PEFT then stores the whole embedding and lm_head, ~400 MB,
+# in every adapter. Pass lm_head=True to lora_target_modules to adapt it anyway.
+LANGUAGE_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
@@ -69,7 +71,9 @@ def freeze_vision_tower(model) -> None:
     _base(model).model.vision_embed_tokens.vision_model.requires_grad_(False)
 
 
-def lora_target_modules(model, vision: bool, projector: bool = None, num_layers: int = -1, exclude=()) -> list[str]:
+def lora_target_modules(
+    model, vision: bool, projector: bool = None, num_layers: int = -1, exclude=(), lm_head: bool = False
+) -> list[str]:
     """Full names of the linear layers LoRA wraps.
 
     vision: the CLIP layers that are used (the last one never is); projector: img_projection (defaults to
@@ -85,8 +89,9 @@ def lora_target_modules(model, vision: bool, projector: bool = None, num_layers:
         language_layers, vision_layers = language_layers[-num_layers:], vision_layers[-num_layers:]
     patterns = [
         rf"model\.layers\.({'|'.join(map(str, language_layers))})\.(self_attn|mlp)\.({'|'.join(LANGUAGE_LORA_TARGETS)})$",
-        r"^lm_head$",
     ]
+    if lm_head:
+        patterns.append(r"^lm_head$")
     if vision and vision_layers:
         patterns.append(
             rf"vision_model\.encoder\.layers\.({'|'.join(map(str, vision_layers))})\.(self_attn|mlp)\."
