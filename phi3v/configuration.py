@@ -51,11 +51,14 @@ class Phi3VConfig(Phi3Config):
     def __init__(self, embd_layer=None, img_processor=None, rope_scaling=None, **kwargs):
         kwargs.pop("auto_map", None)  # remote-code hooks (spec 9.14): never followed, never written back
         kwargs.pop("_attn_implementation", None)
+        # LongRoPE's scale s = max_position_embeddings / original_max_position_embeddings (32 for the official
+        # models) sets the attention factor sqrt(1 + ln s / ln original); written as transformers' `factor`.
+        scale = kwargs.get("max_position_embeddings", 4096) / kwargs.get("original_max_position_embeddings", 4096)
         if rope_scaling is not None:
-            kwargs["rope_parameters"] = _longrope_parameters(rope_scaling, kwargs.get("rope_theta", 10000.0))
+            kwargs["rope_parameters"] = _longrope_parameters(rope_scaling, kwargs.get("rope_theta", 10000.0), scale)
         rope_parameters = kwargs.get("rope_parameters")
         if isinstance(rope_parameters, dict) and rope_parameters.get("rope_type") == "su":
-            kwargs["rope_parameters"] = _longrope_parameters(rope_parameters, rope_parameters.get("rope_theta", 1e4))
+            kwargs["rope_parameters"] = _longrope_parameters(rope_parameters, rope_parameters.get("rope_theta", 1e4), scale)
         # The remote config defaults eos to 32000 (<|endoftext|>) and pad to 32000.
         kwargs.setdefault("eos_token_id", 32000)
         kwargs.setdefault("pad_token_id", 32000)
@@ -96,7 +99,7 @@ class Phi3VConfig(Phi3Config):
             raise ValueError("img_processor.type_feature: only 'patch' is supported")
 
 
-def _longrope_parameters(rope_scaling: dict, rope_theta: float) -> dict:
+def _longrope_parameters(rope_scaling: dict, rope_theta: float, scale: float) -> dict:
     """Translate the official `{"type": "su", ...}` dict into transformers' LongRoPE `rope_parameters`."""
     rope_type = rope_scaling.get("type", rope_scaling.get("rope_type"))
     if rope_type not in ("su", "longrope"):
@@ -110,4 +113,5 @@ def _longrope_parameters(rope_scaling: dict, rope_theta: float) -> dict:
         "short_factor": list(rope_scaling["short_factor"]),
         "long_factor": list(rope_scaling["long_factor"]),
         "rope_theta": rope_scaling.get("rope_theta", rope_theta),
+        "factor": rope_scaling.get("factor", scale),
     }

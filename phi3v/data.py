@@ -36,9 +36,10 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE
+
 logger = logging.getLogger(__name__)
 
-IMAGE_TAG_RE = re.compile(r"<\|image_(\d+)\|>")
 VIDEO_PLACEHOLDER = "<video>"
 LLAVA_IMAGE_TAG = "<image>"
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -105,6 +105,10 @@ def test_official_config_reads_as_is():
         assert config.max_position_embeddings == 131072 and config.original_max_position_embeddings == 4096
         assert config.vision_config.num_hidden_layers == 24 and config.vision_config.hidden_size == 1024
         assert config.pad_token_id == 32000 and not config.tie_word_embeddings
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        _, mscale = ROPE_INIT_FUNCTIONS["longrope"](config)
+        assert mscale == pytest.approx(1.1902380714238083, abs=1e-15)  # sqrt(1 + ln 32 / ln 4096), spec 6
 
 
 def test_tiny_checkpoint_uses_official_names(tiny_checkpoint):
