@@ -10,45 +10,39 @@ Metric: accuracy; a generated answer is mapped onto the gold answers ("yes" / "n
 To start a new task, copy this file and change the task part: DATASET, to_record and score.
 """
 
-import logging
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
 from phi3v.dataset import SFTDataset
-from phi3v.evaluation import generate_answers, write_report
-from phi3v.metrics import accuracy
-from phi3v.sources import is_record, load_split, take
-from phi3v.training import make_trainer, model_for_training, save_outputs, setup_logging
-
-logger = logging.getLogger(__name__)
+from phi3v.evaluation import evaluate
+from phi3v.metrics import gold_choice_accuracy
+from phi3v.sources import cauldron_record, load_split, take
+from phi3v.training import (
+    make_trainer,
+    model_for_training,
+    save_outputs,
+    setup_logging,
+    write_run_summary,
+)
 
 # ------------------------------------------------------------------------------------------------ the task
 DATASET, CONFIG, EVAL_SIZE = "HuggingFaceM4/the_cauldron", "hateful_memes", 500
 
 
 def to_record(row, index):
-    """A the_cauldron row ({"images": [...], "texts": [{"user", "assistant"}]}) -> a record (phi3v.data)."""
-    if is_record(row):  # already a record (jsonl --dataset_path)
-        return row
-    tags = "".join(f"<|image_{k}|>\n" for k in range(1, len(row["images"]) + 1))
-    messages = []
-    for turn, text in enumerate(row["texts"]):
-        messages.append({"role": "user", "content": (tags if turn == 0 else "") + text["user"]})
-        messages.append({"role": "assistant", "content": text["assistant"]})
-    return {"id": f"{CONFIG}-{index}", "source": f"{DATASET}/{CONFIG}[{index}]", "images": row["images"],
-            "video": None, "messages": messages}
+    """A the_cauldron row -> a record (phi3v.data); "<|image_1|>
+..." tags open the first user turn."""
+    return cauldron_record(row, index, DATASET, CONFIG)
 
 
 def score(predictions):
-    """Accuracy: each prediction is parsed onto the set of gold answers (e.g. yes / no)."""
-    choices = sorted({p["answer"].strip().strip(".").lower() for p in predictions})
-    golds = [p["answer"].strip().strip(".").lower() for p in predictions]
-    return "accuracy", accuracy([p["prediction"] for p in predictions], golds, choices)
+    """Accuracy: each prediction is parsed onto the set of gold answers (phi3v.metrics.parse_choice)."""
+    return "accuracy", gold_choice_accuracy(predictions)
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
 def main():
-    args, _, training_args = parse_args(num_crops=16, batch_size=16)
+    args, task_args, training_args = parse_args(num_crops=16, batch_size=16)
     setup_logging(training_args)
 
     # Data
@@ -64,24 +58,18 @@ def main():
     # Model
     model = model_for_training(args, training_args)
 
-    def evaluate(model, name):
-        predictions = generate_answers(model, processor, eval_dataset, args.eval_batch_size, args.max_new_tokens,
-                                       progress=not args.no_tqdm, description=name)
-        metric_name, metric = score(predictions)
-        write_report(f"{training_args.output_dir}/{name}.json", metric_name, metric, predictions)
-        logger.warning("%s: %s = %.4f on %d samples", name, metric_name, metric, len(predictions))
-        return metric
-
-    if not args.skip_eval_before:
-        evaluate(model, "eval_before")
+    eval_before = None if args.skip_eval_before else evaluate(
+        model, processor, eval_dataset, score, args, training_args, "eval_before"
+    )
 
     # Train
     trainer = make_trainer(model, training_args, train_dataset, processor)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_outputs(trainer, processor, args)
 
-    # Evaluate the model as trained (for QLoRA: the quantized model with its adapter)
-    evaluate(trainer.model, "eval_after")
+    # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
+    eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ class RecipeArguments:
     freeze_vision_model: bool = field(default=False, metadata={"help": "freeze the CLIP tower (not the projector)"})
     batch_size: int = field(default=16, metadata={"help": "global batch size (all GPUs, all accumulation steps)"})
     batch_size_per_gpu: int = field(default=1, metadata={"help": "micro-batch size per GPU"})
-    num_crops: int = field(default=16, metadata={"help": "max 336px crops per image (4 for multi-image / video)"})
+    num_crops: int = field(
+        default=16, metadata={"help": "max 336px crops per image; 4 is recommended for multi-image and video"}
+    )
     wd: float = field(default=0.01, metadata={"help": "weight decay"})
     no_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
     lora_rank: int = field(default=64)

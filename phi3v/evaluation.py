@@ -1,6 +1,7 @@
 """Generation-based evaluation: batched greedy answers, sharded across ranks, scored, written to JSON."""
 
 import json
+import logging
 import os
 
 import torch
@@ -9,6 +10,8 @@ from tqdm.auto import tqdm
 
 from phi3v.collator import generation_prompt
 from phi3v.data import load_record_images
+
+logger = logging.getLogger(__name__)
 
 # The chat model ends its answer with <|end|> (32007), sometimes followed by <|endoftext|> (32000) (spec 8).
 STOP_TOKEN_IDS = [32007, 32000]
@@ -82,4 +85,15 @@ def write_report(path: str, metric_name: str, metric: float, predictions: list[d
         with open(tmp, "w") as f:
             json.dump(report, f, indent=2, ensure_ascii=False)
         os.replace(tmp, path)
+    return report
+
+
+def evaluate(model, processor, dataset, score, args, training_args, name: str) -> dict:
+    """Generate answers for `dataset`, score them (score(predictions) -> (metric name, value)) and write
+    `<output_dir>/<name>.json`; returns the report."""
+    predictions = generate_answers(model, processor, dataset, args.eval_batch_size, args.max_new_tokens,
+                                   progress=not args.no_tqdm, description=name)
+    metric_name, metric = score(predictions)
+    report = write_report(os.path.join(training_args.output_dir, f"{name}.json"), metric_name, metric, predictions)
+    logger.warning("%s: %s = %.4f on %d samples", name, metric_name, metric, len(predictions))
     return report

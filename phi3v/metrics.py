@@ -90,3 +90,14 @@ def accuracy(predictions, golds, choices):
         parsed = parse_choice(prediction, choices)
         correct += parsed is not None and _normalize(parsed) == _normalize(gold)
     return correct / len(predictions)
+
+
+def normalise_answer(text: str) -> str:
+    """How class answers are compared: stripped, without a trailing period, lower-cased."""
+    return text.strip().strip(".").lower()
+
+
+def gold_choice_accuracy(predictions: list[dict]) -> float:
+    """Accuracy when the classes are the distinct gold answers: each prediction is parsed onto them."""
+    golds = [normalise_answer(p["answer"]) for p in predictions]
+    return accuracy([p["prediction"] for p in predictions], golds, sorted(set(golds)))

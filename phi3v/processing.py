@@ -14,7 +14,6 @@ import re
 import shutil
 
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 

@@ -43,3 +43,19 @@ def take(rows, start: int = 0, stop: int | None = None):
 
 def is_record(row) -> bool:
     return isinstance(row, dict) and "messages" in row and "source" in row
+
+
+def cauldron_record(row, index: int, dataset: str, config: str) -> dict:
+    """A HuggingFaceM4/the_cauldron row ({"images": [...], "texts": [{"user", "assistant"}, ...]}) -> a record.
+
+    The first user turn starts with one tag line per image: "<|image_1|>\n<|image_2|>\n" + question.
+    """
+    if is_record(row):  # already a record (jsonl --dataset_path)
+        return row
+    tags = "".join(f"<|image_{k}|>\n" for k in range(1, len(row["images"]) + 1))
+    messages = []
+    for turn, text in enumerate(row["texts"]):
+        messages.append({"role": "user", "content": (tags if turn == 0 else "") + text["user"]})
+        messages.append({"role": "assistant", "content": text["assistant"]})
+    return {"id": f"{config}-{index}", "source": f"{dataset}/{config}[{index}]", "images": row["images"],
+            "video": None, "messages": messages}

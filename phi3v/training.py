@@ -8,6 +8,7 @@ from transformers import Trainer
 
 from phi3v.arguments import model_dtype
 from phi3v.collator import Phi3VDataCollator
+from phi3v.metrics import normalise_answer
 from phi3v.model_setup import (
     apply_lora,
     count_parameters,
@@ -16,6 +17,7 @@ from phi3v.model_setup import (
     lora_target_modules,
     prepare_for_kbit_training,
 )
+from phi3v.reporting import ThroughputCallback, save_run_config, write_end_of_run_plots
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +57,21 @@ def model_for_training(args, training_args):
     return model
 
 
-def make_trainer(model, training_args, train_dataset, processor, callbacks=None) -> Trainer:
+def make_trainer(model, training_args, train_dataset, processor, callbacks=None, optimizers=(None, None)) -> Trainer:
     if len(train_dataset) == 0:
         raise ValueError("the training split is empty")
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=Phi3VDataCollator(processor.pad_token_id),
         processing_class=processor,
         callbacks=callbacks,
+        optimizers=optimizers,  # (optimizer, scheduler); None: the Trainer's own
     )
+    # images/s, tokens/s and peak memory in the logs; first, so the reporting callbacks see them.
+    ThroughputCallback.install_first(trainer)
+    return trainer
 
 
 def save_outputs(trainer: Trainer, processor, args) -> None:
@@ -98,3 +104,17 @@ def merge_lora(peft_model, merged_dir, processor, quantized=False, main=True) ->
     del merged
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def write_run_summary(trainer, args, task_args, eval_before, eval_after, classify: bool) -> list[str]:
+    """run_config.json, training_curves.png, the before/after chart and, for classification, a confusion matrix."""
+    if not trainer.is_world_process_zero():
+        return []
+    output_dir = trainer.args.output_dir
+    save_run_config(output_dir, args, task_args, trainer.args)
+    metric_name = next(key for key in eval_after if key not in ("num_samples", "predictions"))
+    classes = sorted({normalise_answer(p["answer"]) for p in eval_after["predictions"]}) if classify else None
+    written = write_end_of_run_plots(output_dir, trainer.state.log_history, eval_before, eval_after, metric_name,
+                                     classes=classes)
+    logger.info("wrote %s", ", ".join(os.path.basename(path) for path in written))
+    return written

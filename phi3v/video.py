@@ -16,7 +16,6 @@ often report 0 frames and no duration, and some AVI headers are simply wrong.
 import os
 
 import av
-from PIL import Image
 
 
 class VideoError(ValueError):

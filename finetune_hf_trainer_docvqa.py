@@ -1,0 +1,108 @@
+"""Fine-tune Phi-3.5-vision on DocVQA (questions about scanned documents), evaluating before and after.
+
+Data: nielsr/docvqa_1200_examples, split "train" to train and "test" to evaluate; with --full_train the whole
+HuggingFaceM4/DocumentVQA, "train" to train and "validation" to evaluate (or --dataset_path: a save_to_disk
+DatasetDict folder holding those two splits, or a jsonl file in the project's format, used for both).
+Metric: ANLS (phi3v.metrics.mean_anls) of each generated answer against every gold answer of its question.
+
+    torchrun --nproc_per_node=8 finetune_hf_trainer_docvqa.py --bf16 --use_flash_attention
+    torchrun --nproc_per_node=8 finetune_hf_trainer_docvqa.py --bf16 --use_flash_attention --full_train
+    torchrun --nproc_per_node=1 finetune_hf_trainer_docvqa.py --bf16 --use_lora
+"""
+
+from dataclasses import dataclass, field
+
+from phi3v import Phi3VProcessor
+from phi3v.arguments import parse_args
+from phi3v.dataset import SFTDataset
+from phi3v.evaluation import evaluate
+from phi3v.metrics import mean_anls
+from phi3v.sources import is_record, load_split, take
+from phi3v.training import (
+    make_trainer,
+    model_for_training,
+    save_outputs,
+    setup_logging,
+    write_run_summary,
+)
+
+# ------------------------------------------------------------------------------------------------ the task
+DATASET, EVAL_SPLIT = "nielsr/docvqa_1200_examples", "test"
+FULL_DATASET, FULL_EVAL_SPLIT = "HuggingFaceM4/DocumentVQA", "validation"
+
+
+@dataclass
+class DocVQAArguments:
+    full_train: bool = field(
+        default=False,
+        metadata={"help": f"train on the full {FULL_DATASET} (evaluate on its {FULL_EVAL_SPLIT} split) "
+                          f"instead of the 1200 examples of {DATASET}"},
+    )
+
+
+def to_record(row, index):
+    """A DocVQA row -> a record (phi3v.data) that also carries every gold answer for ANLS.
+
+    Two row shapes: the 1200-example subset ({"id", "image", "query": {"en": ...}, "answers"}) and the full
+    DocumentVQA ({"questionId", "image", "question", "answers"}).
+    """
+    if is_record(row):  # already a record (jsonl --dataset_path)
+        return row
+    question = row["question"] if "question" in row else row["query"]["en"]
+    answers = list(row["answers"])
+    row_id = str(row.get("id", row.get("questionId", index)))  # questionId: the official DocVQA id
+    return {
+        "id": row_id,
+        "source": f"docvqa[{index}] (id {row_id})",
+        "images": [row["image"]],
+        "video": None,
+        "messages": [
+            {"role": "user", "content": f"<|image_1|>\n{question}\nAnswer briefly."},
+            {"role": "assistant", "content": answers[0]},  # the first gold answer is the training target
+        ],
+        "answers": answers,
+    }
+
+
+def score(predictions):
+    """ANLS against all gold answers of each question (only the target answer for jsonl records)."""
+    golds = [p.get("answers") or [p["answer"]] for p in predictions]
+    return "anls", mean_anls([p["prediction"] for p in predictions], golds)
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def main():
+    args, task_args, training_args = parse_args(DocVQAArguments, num_crops=16, batch_size=16)
+    setup_logging(training_args)
+
+    # Data
+    dataset, eval_split = (FULL_DATASET, FULL_EVAL_SPLIT) if task_args.full_train else (DATASET, EVAL_SPLIT)
+    train_rows = take(load_split(dataset, None, "train", args.dataset_path, args.skip_bad_samples),
+                      0, args.max_train_samples)
+    eval_rows = take(load_split(dataset, None, eval_split, args.dataset_path, args.skip_bad_samples),
+                     0, args.max_eval_samples)
+    processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+    dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
+                           max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
+    train_dataset = SFTDataset(train_rows, **dataset_options)
+    eval_dataset = SFTDataset(eval_rows, **dataset_options)
+
+    # Model
+    model = model_for_training(args, training_args)
+
+    eval_before = None if args.skip_eval_before else evaluate(
+        model, processor, eval_dataset, score, args, training_args, "eval_before"
+    )
+
+    # Train
+    trainer = make_trainer(model, training_args, train_dataset, processor)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_outputs(trainer, processor, args)
+
+    # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
+    eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=False)
+
+
+if __name__ == "__main__":
+    main()

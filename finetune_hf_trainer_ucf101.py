@@ -1,0 +1,105 @@
+"""Fine-tune Phi-3.5-vision on UCF101 action recognition, each video seen as 8 frames, evaluating before and after.
+
+Data: --data_dir, the output folder of convert_ucf101.py: ucf101_train.jsonl to train, ucf101_test.jsonl to
+evaluate (ucf101_val.jsonl when there is no test file), frames under data_dir/images/.
+Metric: accuracy; a generated answer is mapped by phi3v.metrics.parse_choice onto the set of gold class names of
+the evaluated samples (so a prediction naming any other class, or none, counts as wrong).
+
+    python convert_ucf101.py --out_dir data/ucf101
+    torchrun --nproc_per_node=8 finetune_hf_trainer_ucf101.py --data_dir data/ucf101 --bf16 --use_flash_attention
+    torchrun --nproc_per_node=1 finetune_hf_trainer_ucf101.py --data_dir data/ucf101 --bf16 --use_lora
+
+Custom data: this is the project's entry point for your own data. --data_dir takes any folder with
+ucf101_train.jsonl and ucf101_test.jsonl (or ucf101_val.jsonl) in the project's jsonl format (phi3v.data), media
+paths relative to data_dir/images/: any number of images per turn, several turns per conversation, e.g.
+
+    {"id": "a1", "conversations": [{"images": ["a.jpg", "b.jpg"], "user": "What changed?", "assistant": "The sign."},
+                                   {"user": "What colour is it now?", "assistant": "Red."}]}
+
+Training learns every assistant turn; evaluation generates the last one. With free-text answers the metric reads
+as (normalised) exact match against the gold answers.
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from phi3v import Phi3VProcessor
+from phi3v.arguments import parse_args
+from phi3v.data import load_records
+from phi3v.dataset import SFTDataset
+from phi3v.evaluation import evaluate
+from phi3v.metrics import gold_choice_accuracy
+from phi3v.sources import take
+from phi3v.training import (
+    make_trainer,
+    model_for_training,
+    save_outputs,
+    setup_logging,
+    write_run_summary,
+)
+
+# ------------------------------------------------------------------------------------------------ the task
+TRAIN_FILE, EVAL_FILES = "ucf101_train.jsonl", ("ucf101_test.jsonl", "ucf101_val.jsonl")
+
+
+@dataclass
+class UCF101Arguments:
+    data_dir: str = field(
+        metadata={"help": "output folder of convert_ucf101.py (or any folder in its format): "
+                          f"{TRAIN_FILE}, {' or '.join(EVAL_FILES)}, images/"},
+    )
+
+
+def data_files(data_dir):
+    """(train file, eval file) of data_dir; a missing file is a user mistake, reported in one line."""
+    error = f"{os.path.basename(sys.argv[0])}: error:"
+    train_file = os.path.join(data_dir, TRAIN_FILE)
+    if not os.path.isfile(train_file):
+        sys.exit(f"{error} no {TRAIN_FILE} in --data_dir {data_dir} (expected the output folder of convert_ucf101.py)")
+    for name in EVAL_FILES:
+        if os.path.isfile(os.path.join(data_dir, name)):
+            return train_file, os.path.join(data_dir, name)
+    sys.exit(f"{error} no {' or '.join(EVAL_FILES)} in --data_dir {data_dir} to evaluate on")
+
+
+def score(predictions):
+    """Accuracy: each prediction is parsed onto the set of gold answers (phi3v.metrics.parse_choice)."""
+    return "accuracy", gold_choice_accuracy(predictions)
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def main():
+    args, task_args, training_args = parse_args(UCF101Arguments, num_crops=4, batch_size=16, batch_size_per_gpu=1)
+    setup_logging(training_args)
+
+    # Data: records already in the project's form (no to_record), frames under data_dir/images
+    train_file, eval_file = data_files(task_args.data_dir)
+    images = os.path.join(task_args.data_dir, "images")
+    train_rows = take(load_records(train_file, images, args.skip_bad_samples), 0, args.max_train_samples)
+    eval_rows = take(load_records(eval_file, images, args.skip_bad_samples), 0, args.max_eval_samples)
+    processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+    dataset_options = dict(processor=processor, num_crops=args.num_crops,
+                           max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
+    train_dataset = SFTDataset(train_rows, **dataset_options)
+    eval_dataset = SFTDataset(eval_rows, **dataset_options)
+
+    # Model
+    model = model_for_training(args, training_args)
+
+    eval_before = None if args.skip_eval_before else evaluate(
+        model, processor, eval_dataset, score, args, training_args, "eval_before"
+    )
+
+    # Train
+    trainer = make_trainer(model, training_args, train_dataset, processor)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_outputs(trainer, processor, args)
+
+    # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
+    eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=True)
+
+
+if __name__ == "__main__":
+    main()

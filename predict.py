@@ -1,0 +1,212 @@
+"""Use a fine-tuned Phi-3.5-vision: answer one prompt (streamed), or every record of a data file (scored).
+
+The model is any of: a run's --output_dir (full fine-tuning, or a LoRA adapter: its base model comes from the
+adapter's adapter_config.json, or --base_model), the merged model of a LoRA run (<output_dir>/merged), a checkpoint
+folder, or the base model itself (hub id or folder).
+
+    # one prompt about one or more images, or about a video's frames; the answer is streamed to stdout
+    python predict.py --model output --prompt "Is this meme hateful?" --image meme.jpg
+    python predict.py --model output --prompt "Which is bigger?" --image a.jpg --image b.png
+    python predict.py --model output --prompt "What is the person doing?" --video clip.mp4 --num_frames 8
+
+    # every record of a project-format jsonl (or LLaVA JSON): predictions.jsonl, and the metric of the answers
+    python predict.py --model output --jsonl data/test.jsonl --metric accuracy --output predictions.jsonl
+
+Images without tags in the prompt are put in front of it (<|image_1|>, <|image_2|>, ... in the order given).
+Generation is greedy and stops at the end of the assistant turn.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from transformers import TextStreamer
+
+from phi3v import Phi3VForCausalLM, Phi3VProcessor
+from phi3v.data import IMAGE_TAG_RE, load_records, open_image
+from phi3v.dataset import SFTDataset
+from phi3v.evaluation import STOP_TOKEN_IDS, generate_answers
+from phi3v.metrics import accuracy, mean_anls
+from phi3v.model_setup import attention_implementation
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "--model_name_or_path", dest="model", default="microsoft/Phi-3.5-vision-instruct",
+                        help="fine-tuned output folder (full model or LoRA adapter), merged model, or base model")
+    parser.add_argument("--base_model", help="base model of a LoRA adapter (default: the adapter's own record of it)")
+    single = parser.add_argument_group("one prompt (streamed)")
+    single.add_argument("--prompt", help="the question; <|image_k|> tags are added in front when it has none")
+    single.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    single.add_argument("--video", help="a video file; --num_frames evenly spaced frames become the images")
+    single.add_argument("--num_frames", type=int, default=8,
+                        help="frames sampled from a video, at most (also for video records of --jsonl)")
+    single.add_argument("--system", help="an optional system message")
+    batch = parser.add_argument_group("a data file (batched, scored)")
+    batch.add_argument("--jsonl", help="records in the project's jsonl format or LLaVA JSON")
+    batch.add_argument("--image_folder", help="root of the relative image paths (default: images/ beside the file)")
+    batch.add_argument("--output", default="predictions.jsonl", help="one line per record: id, prediction, answer")
+    batch.add_argument("--metric", choices=["accuracy", "anls", "exact", "none"], default="exact",
+                       help="accuracy: answers parsed onto the set of gold answers; anls: DocVQA's; "
+                            "exact: case-insensitive exact match")
+    batch.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_crops", type=int, help="max 336px crops per image (default: the processor's)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--use_flash_attention", action="store_true", help="flash-attn 2 if installed, else SDPA")
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.jsonl is None):
+        parser.error("give either --prompt (with --image / --video) or --jsonl")
+    if args.image and args.video:
+        parser.error("give --image or --video, not both")
+    if args.jsonl is None and (args.image_folder or args.metric != "exact"):
+        parser.error("--image_folder and --metric go with --jsonl")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def describe_model_folder(path, base_model=None) -> tuple[str, str]:
+    """("full" or "adapter", where the weights or the base model come from) for a model folder or hub id."""
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.startswith((".", "/")):
+            raise FileNotFoundError(f"{path}: no such model folder")
+        return "full", path  # a hub id
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        if base_model is None:
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                base_model = json.load(f).get("base_model_name_or_path")
+        if not base_model:
+            raise ValueError(f"{path}: the adapter does not name its base model; pass --base_model")
+        if base_model.startswith((".", "/")) and not os.path.isdir(base_model):
+            raise FileNotFoundError(
+                f"{path}: the adapter's base model {base_model} is not a folder here; pass --base_model"
+            )
+        return "adapter", base_model
+    has_weights = any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES)
+    if os.path.isfile(os.path.join(path, "config.json")) and has_weights:
+        return "full", path
+    missing = "model weights (model.safetensors)" if os.path.isfile(os.path.join(path, "config.json")) else (
+        "config.json with model weights (model.safetensors)"
+    )
+    checkpoints = sorted(n for n in os.listdir(path) if n.startswith("checkpoint-"))
+    hint = f"; it holds checkpoints, e.g. {os.path.join(path, checkpoints[-1])}" if checkpoints else ""
+    raise FileNotFoundError(
+        f"{path} is neither a model nor a LoRA adapter folder: it has no {missing} and no adapter_config.json{hint}"
+    )
+
+
+def load_for_inference(path, base_model=None, dtype=torch.float32, device="cpu", use_flash_attention=False):
+    """(model in eval mode on `device`, processor) from any folder `describe_model_folder` accepts."""
+    kind, source = describe_model_folder(path, base_model)
+    model = Phi3VForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=attention_implementation(use_flash_attention)
+    )
+    if kind == "adapter":
+        from peft import PeftModel
+
+        # Folding LoRA into the weights makes generation as fast as with a full model.
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    # A run's output folder carries the processor it trained with; an adapter folder may not.
+    has_processor = os.path.isdir(path) and os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+    processor = Phi3VProcessor.from_pretrained(path if has_processor else source)
+    return model.to(device).eval(), processor
+
+
+# ------------------------------------------------------------------------------------------------ one prompt
+def user_message(prompt, num_images) -> str:
+    """The prompt with one <|image_k|> tag line per image in front, unless it already has its tags."""
+    if IMAGE_TAG_RE.search(prompt):
+        return prompt  # the processor checks the tags match the images
+    return "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1)) + prompt
+
+
+def read_images(args) -> list:
+    """The --image files, or --num_frames evenly spaced frames of the --video, as RGB images."""
+    if args.video:
+        from phi3v.video import read_video_frames
+
+        return [open_image(frame, args.video) for frame in read_video_frames(args.video, args.num_frames, True)]
+    return [open_image(path, "--image") for path in args.image]
+
+
+@torch.no_grad()
+def stream_answer(model, processor, images, args) -> str:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": user_message(args.prompt, len(images))})
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(prompt, images or None, num_crops=args.num_crops)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generated = model.generate(
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        eos_token_id=STOP_TOKEN_IDS,
+        pad_token_id=processor.pad_token_id,
+        streamer=streamer,
+    )
+    return processor.decode(generated[0, inputs["input_ids"].shape[1] :]).strip()
+
+
+# ------------------------------------------------------------------------------------------------ a data file
+def _norm(text) -> str:
+    return " ".join(text.strip().strip(".").lower().split())
+
+
+def score(predictions, metric) -> float:
+    """The metric of the predictions against their records' answers (the last assistant turn of each)."""
+    texts = [p["prediction"] for p in predictions]
+    if metric == "accuracy":  # as the classification recipes: parse each prediction onto the set of gold answers
+        golds = [_norm(p["answer"]) for p in predictions]
+        return accuracy(texts, golds, sorted(set(golds)))
+    if metric == "anls":
+        return mean_anls(texts, [p.get("answers") or [p["answer"]] for p in predictions])
+    return sum(_norm(t) == _norm(p["answer"]) for t, p in zip(texts, predictions)) / len(predictions)
+
+
+def predict_file(model, processor, records, args) -> dict:
+    dataset = SFTDataset(records, processor, num_crops=args.num_crops, max_num_frames=args.num_frames)
+    predictions = generate_answers(model, processor, dataset, args.batch_size, args.max_new_tokens,
+                                   num_crops=args.num_crops, description="predict")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        for item in predictions:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    print(f"wrote {len(predictions)} predictions to {args.output}")
+    if args.metric == "none":
+        return {}
+    result = {args.metric: score(predictions, args.metric), "num_samples": len(predictions),
+              "model": args.model, "data": args.jsonl}
+    metrics_path = os.path.splitext(args.output)[0] + "_metrics.json"
+    with open(metrics_path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(f"{args.metric} = {result[args.metric]:.4f} on {len(predictions)} samples (written to {metrics_path})")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    try:  # bad inputs and model folders fail here, before any generation, with a one-line error
+        inputs = load_records(args.jsonl, args.image_folder) if args.jsonl else read_images(args)
+        model, processor = load_for_inference(args.model, args.base_model, dtype, device, args.use_flash_attention)
+    except (FileNotFoundError, ValueError) as error:  # BadSampleError and VideoError are ValueErrors
+        sys.exit(f"predict.py: {error}")
+    if args.jsonl:
+        return predict_file(model, processor, inputs, args)
+    return stream_answer(model, processor, inputs, args)
+
+
+if __name__ == "__main__":
+    main()

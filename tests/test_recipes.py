@@ -1,0 +1,144 @@
+"""Every task script runs end to end as a user runs it: a subprocess, a tiny checkpoint, synthetic data of the task's
+real shape. The four runs start together (module fixture) and each test waits for its own."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAULDRON_EVAL_SIZE = 500  # the cauldron recipes evaluate on train[:500] and train on train[500:]
+TRAIN, EVAL = 8, 4
+METRICS = {"hateful_memes": "accuracy", "nlvr2": "accuracy", "docvqa": "anls", "ucf101": "accuracy"}
+COMMON_ARGS = [
+    "--num_crops", "1", "--max_steps", "3", "--batch_size", "2", "--batch_size_per_gpu", "2",
+    "--max_train_samples", str(TRAIN), "--max_eval_samples", str(EVAL), "--eval_batch_size", str(EVAL),
+    "--max_new_tokens", "3", "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0",
+    "--no-tqdm", "--deepspeed", "none",
+]
+TIMEOUT_S = 600
+
+
+def script(task):
+    return os.path.join(ROOT, f"finetune_hf_trainer_{task}.py")
+
+
+def subprocess_env():
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["OMP_NUM_THREADS"] = "1"  # four runs share the CPU cores: one thread each (2x faster than contending)
+    return env
+
+
+def write_data(root):
+    """Synthetic data for each task, as the command-line flags that point the script at it."""
+    import datasets
+
+    from phi3v.synthetic import docvqa_rows, memes_rows, nlvr2_rows, save_hf_dataset, write_ucf101_folder
+
+    docvqa = os.path.join(root, "docvqa")
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(docvqa_rows(TRAIN, seed=0)),
+        "test": datasets.Dataset.from_list(docvqa_rows(EVAL, seed=1)),
+    }).save_to_disk(docvqa)
+    return {
+        "hateful_memes": ["--dataset_path", save_hf_dataset(memes_rows(CAULDRON_EVAL_SIZE + TRAIN),
+                                                            os.path.join(root, "memes"))],
+        "nlvr2": ["--dataset_path", save_hf_dataset(nlvr2_rows(CAULDRON_EVAL_SIZE + TRAIN),
+                                                    os.path.join(root, "nlvr2"))],
+        "docvqa": ["--dataset_path", docvqa],
+        "ucf101": ["--data_dir", write_ucf101_folder(os.path.join(root, "ucf101"), {"train": TRAIN, "test": EVAL})],
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start every recipe at once; {task: (process, output_dir, log_path)}."""
+    from phi3v.tiny import write_tiny_checkpoint
+
+    root = str(tmp_path_factory.mktemp("recipes"))
+    model = write_tiny_checkpoint(os.path.join(root, "model"), num_crops=1)
+    started = {}
+    for task, data_args in write_data(root).items():
+        output_dir, log_path = os.path.join(root, f"run_{task}"), os.path.join(root, f"{task}.log")
+        command = [sys.executable, script(task), "--model_name_or_path", model, *data_args,
+                   "--output_dir", output_dir, *COMMON_ARGS]
+        with open(log_path, "w") as log:  # a file, not a pipe: nobody reads the others' output while waiting
+            process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+        started[task] = (process, output_dir, log_path)
+    yield started
+    for process, _, _ in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("task", list(METRICS))
+def test_recipe_end_to_end(runs, task):
+    import torch
+    from PIL import Image
+
+    from phi3v import Phi3VForCausalLM, Phi3VProcessor
+
+    process, output_dir, log_path = runs[task]
+    try:
+        returncode = process.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        returncode = "timeout"
+    with open(log_path) as f:
+        log = f.read()
+    assert returncode == 0, f"{task} failed ({returncode}):\n{log[-5000:]}"
+
+    for name in ("eval_before", "eval_after"):
+        with open(os.path.join(output_dir, f"{name}.json")) as f:
+            report = json.load(f)
+        assert 0.0 <= report[METRICS[task]] <= 1.0, report
+        assert report["num_samples"] == EVAL
+        assert len(report["predictions"]) == EVAL
+        for prediction in report["predictions"]:
+            assert {"id", "prediction", "answer"} <= set(prediction)
+    if task == "docvqa":  # every gold answer travels with the prediction, for ANLS
+        assert all(len(p["answers"]) == 2 for p in report["predictions"])
+
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "tokenizer.json"):
+        assert os.path.isfile(os.path.join(output_dir, name)), f"{name} missing from {os.listdir(output_dir)}"
+    model = Phi3VForCausalLM.from_pretrained(output_dir).eval()
+    processor = Phi3VProcessor.from_pretrained(output_dir)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhat is shown?"}],
+                                           add_generation_prompt=True)
+    inputs = processor(prompt, [Image.new("RGB", (96, 64), (200, 30, 30))], num_crops=1)
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_docvqa_to_record_reads_both_row_shapes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docvqa_recipe", script("docvqa"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    subset_row = {"id": 7, "image": "page", "query": {"en": "Who signed?", "de": "Wer?"}, "answers": ["Ann", "ann b"]}
+    full_row = {"questionId": 9, "image": "page", "question": "Who signed?", "answers": ["Ann", "ann b"]}
+    for row, expected_id in ((subset_row, "7"), (full_row, "9")):
+        record = recipe.to_record(row, 0)
+        assert record["id"] == expected_id and record["images"] == ["page"]
+        assert record["messages"] == [{"role": "user", "content": "<|image_1|>\nWho signed?\nAnswer briefly."},
+                                      {"role": "assistant", "content": "Ann"}]
+        assert record["answers"] == ["Ann", "ann b"]
+
+
+def test_ucf101_missing_train_file_is_one_line_error(tmp_path):
+    data_dir = tmp_path / "not_converted"
+    data_dir.mkdir()
+    result = subprocess.run(
+        [sys.executable, script("ucf101"), "--model_name_or_path", "unused", "--data_dir", str(data_dir),
+         "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--deepspeed", "none"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and str(data_dir) in errors[0] and "ucf101_train.jsonl" in errors[0], result.stderr

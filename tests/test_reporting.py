@@ -1,0 +1,173 @@
+"""phi3v.reporting: throughput logs from a real (toy) Trainer run, run_config.json, and the end-of-run plots."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from phi3v.reporting import (
+    ThroughputCallback,
+    confusion_matrix,
+    plot_confusion_matrix,
+    plot_eval_comparison,
+    plot_training_curves,
+    save_run_config,
+    write_end_of_run_plots,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path, min_size=(300, 200)):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= min_size[0] and image.height >= min_size[1]
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+class ToyModel(nn.Module):
+    """Takes the batch keys of Phi3VForCausalLM; every example has 3 real tokens (of 5) and 2 images."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+
+    def forward(self, input_ids, attention_mask=None, image_sizes=None, labels=None):
+        return {"loss": self.linear(input_ids.float().mean(1, keepdim=True)).pow(2).mean()}
+
+
+def toy_collate(examples):
+    batch = len(examples)
+    return {
+        "input_ids": torch.ones(batch, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0]] * batch),
+        "image_sizes": torch.full((2 * batch, 2), 336),
+        "labels": torch.ones(batch, 5, dtype=torch.long),
+    }
+
+
+class Recorder(TrainerCallback):
+    """Stands for TensorBoard: a reporting callback that only sees what is in `logs` when its turn comes."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+def test_throughput_callback_logs_rates_and_memory(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=2,
+                             learning_rate=0.1, report_to="none", use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, dataloader_num_workers=0)
+    recorder = Recorder()
+    trainer = Trainer(model=ToyModel(), args=args, train_dataset=[{}] * 8, data_collator=toy_collate,
+                      callbacks=[recorder, ThroughputCallback()])
+    ThroughputCallback.install_first(trainer)
+    assert isinstance(trainer.callback_handler.callbacks[0], ThroughputCallback)
+    trainer.train()
+
+    step_logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in step_logs] == [2, 4]
+    for entry in step_logs:
+        assert entry["images_per_second"] > 0 and entry["steps_per_second"] > 0 and entry["peak_memory_gb"] > 0
+        # same window for both counts: 3 tokens per 2 images
+        assert entry["tokens_per_second"] / entry["images_per_second"] == pytest.approx(1.5, rel=1e-2)
+    summary = trainer.state.log_history[-1]
+    assert "train_runtime" in summary and summary["train_images_per_second"] > 0
+    assert summary["train_tokens_per_second"] / summary["train_images_per_second"] == pytest.approx(1.5, rel=1e-2)
+    # a callback after it (TensorBoard's place) got the numbers too
+    assert all("tokens_per_second" in logs for logs in recorder.seen if "loss" in logs)
+
+
+# ------------------------------------------------------------------------------------------------ run_config.json
+@dataclasses.dataclass
+class TaskArguments:
+    full_train: bool = False
+
+
+def test_run_config_round_trips(tmp_path):
+    from phi3v.arguments import parse_args
+
+    argv = ["--output_dir", str(tmp_path), "--use_lora", "--lora_rank", "8", "--report_to", "none"]
+    recipe_args, _, training_args = parse_args(argv=argv)
+    path = save_run_config(tmp_path, recipe_args, TaskArguments(full_train=True), training_args)
+    assert path == str(tmp_path / "run_config.json")
+    config = json.loads((tmp_path / "run_config.json").read_text())
+    assert config["recipe_args"]["use_lora"] is True and config["recipe_args"]["lora_rank"] == 8
+    assert config["task_args"] == {"full_train": True}
+    assert config["training_args"]["output_dir"] == str(tmp_path)
+    assert config["training_args"]["learning_rate"] == training_args.learning_rate
+    assert set(config["versions"]) >= {"torch", "transformers", "peft"}
+    assert config["versions"]["torch"] == torch.__version__
+    assert config["command"]
+
+
+# ------------------------------------------------------------------------------------------------ plots
+LOG_HISTORY = [
+    {"loss": 2.0, "grad_norm": 5.0, "learning_rate": 1e-5, "learning_rate_vision": 1e-6, "epoch": 0.1, "step": 10},
+    {"loss": 1.5, "grad_norm": 3.0, "learning_rate": 2e-5, "learning_rate_vision": 2e-6, "epoch": 0.2, "step": 20},
+    {"eval_loss": 1.7, "epoch": 0.2, "step": 20},
+    {"loss": 1.0, "grad_norm": 2.5, "learning_rate": 1e-5, "learning_rate_vision": 1e-6, "epoch": 0.3, "step": 30},
+    {"train_runtime": 12.0, "train_loss": 1.5, "epoch": 0.3, "step": 30},
+]
+
+
+def test_training_curves_plot_the_logged_values(tmp_path):
+    series = plot_training_curves(LOG_HISTORY, tmp_path / "training_curves.png")
+    assert_png(tmp_path / "training_curves.png")
+    assert series["loss"] == ([10, 20, 30], [2.0, 1.5, 1.0])
+    assert series["eval_loss"] == ([20], [1.7])
+    assert series["grad_norm"] == ([10, 20, 30], [5.0, 3.0, 2.5])
+    # per-group learning rates replace the single one
+    assert series["learning_rate_vision"] == ([10, 20, 30], [1e-6, 2e-6, 1e-6]) and "learning_rate" not in series
+
+    single = [{k: v for k, v in e.items() if k != "learning_rate_vision"} for e in LOG_HISTORY]
+    series = plot_training_curves(single, tmp_path / "single.png")
+    assert series["learning_rate"] == ([10, 20, 30], [1e-5, 2e-5, 1e-5])
+    with pytest.raises(ValueError, match="no training-step logs"):
+        plot_training_curves(LOG_HISTORY[-1:], tmp_path / "none.png")
+
+
+def test_eval_comparison(tmp_path):
+    values = plot_eval_comparison({"accuracy": 0.25}, {"accuracy": 0.75}, "accuracy", tmp_path / "cmp.png")
+    assert values == {"before": 0.25, "after": 0.75}
+    assert_png(tmp_path / "cmp.png", min_size=(200, 200))
+    assert plot_eval_comparison(None, {"anls": 0.5}, "anls", tmp_path / "after_only.png") == {"after": 0.5}
+
+
+def test_confusion_matrix_counts(tmp_path):
+    predictions = [
+        {"prediction": "yes", "answer": "yes"},
+        {"prediction": "Yes, it is.", "answer": "yes"},
+        {"prediction": "no", "answer": "yes"},
+        {"prediction": "no.", "answer": "no"},
+        {"prediction": "YES", "answer": "no"},
+        {"prediction": "maybe", "answer": "no"},  # matches no class: "other"
+    ]
+    expected = [[2, 1, 0],  # gold yes: predicted yes, no, other
+                [1, 1, 1]]  # gold no
+    assert confusion_matrix(predictions, ["yes", "no"]) == expected
+    assert plot_confusion_matrix(predictions, ["yes", "no"], tmp_path / "cm.png") == expected
+    assert_png(tmp_path / "cm.png", min_size=(200, 200))
+    with pytest.raises(ValueError, match="none of the classes"):
+        confusion_matrix([{"prediction": "yes", "answer": "perhaps"}], ["yes", "no"])
+
+
+def test_write_end_of_run_plots(tmp_path):
+    before = {"accuracy": 0.5, "predictions": []}
+    after = {"accuracy": 1.0,
+             "predictions": [{"prediction": "yes", "answer": "yes"}, {"prediction": "no", "answer": "no"}]}
+    written = write_end_of_run_plots(tmp_path, LOG_HISTORY, before, after, "accuracy", classes=["yes", "no"])
+    names = ["training_curves.png", "eval_comparison.png", "confusion_matrix.png"]
+    assert written == [str(tmp_path / name) for name in names]
+    for path in written:
+        assert_png(path, min_size=(200, 200))
+    # no training logs and no classes: only the comparison
+    written = write_end_of_run_plots(tmp_path / "b", [], None, after, "accuracy")
+    assert written == [str(tmp_path / "b" / "eval_comparison.png")]
