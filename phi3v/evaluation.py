@@ -89,11 +89,15 @@ def write_report(path: str, metric_name: str, metric: float, predictions: list[d
 
 
 def evaluate(model, processor, dataset, score, args, training_args, name: str) -> dict:
-    """Generate answers for `dataset`, score them (score(predictions) -> (metric name, value)) and write
-    `<output_dir>/<name>.json`; returns the report."""
+    """Generate answers for `dataset`, score them and write `<output_dir>/<name>.json`; returns the report.
+
+    score(predictions) -> (metric name, value) or (metric name, value, {other metric: value})."""
     predictions = generate_answers(model, processor, dataset, args.eval_batch_size, args.max_new_tokens,
                                    progress=not args.no_tqdm, description=name)
-    metric_name, metric = score(predictions)
-    report = write_report(os.path.join(training_args.output_dir, f"{name}.json"), metric_name, metric, predictions)
-    logger.warning("%s: %s = %.4f on %d samples", name, metric_name, metric, len(predictions))
+    metric_name, metric, *other = score(predictions)
+    other = other[0] if other else {}
+    report = write_report(os.path.join(training_args.output_dir, f"{name}.json"), metric_name, metric, predictions,
+                          other)
+    extra = "".join(f", {key} = {value:.4f}" for key, value in other.items())
+    logger.warning("%s: %s = %.4f%s on %d samples", name, metric_name, metric, extra, len(predictions))
     return report

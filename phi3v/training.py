@@ -112,7 +112,7 @@ def write_run_summary(trainer, args, task_args, eval_before, eval_after, classif
         return []
     output_dir = trainer.args.output_dir
     save_run_config(output_dir, args, task_args, trainer.args)
-    metric_name = next(key for key in eval_after if key not in ("num_samples", "predictions"))
+    metric_name = next((key for key in eval_after or {} if key not in ("num_samples", "predictions")), None)
     classes = sorted({normalise_answer(p["answer"]) for p in eval_after["predictions"]}) if classify else None
     written = write_end_of_run_plots(output_dir, trainer.state.log_history, eval_before, eval_after, metric_name,
                                      classes=classes)
