@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import model_dtype, parse_args
+from phi3v.checkpoints import prepare_resume
 from phi3v.data import BadSampleError, load_records
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import evaluate
@@ -47,7 +48,7 @@ from phi3v.model_setup import (
 )
 from phi3v.optim import add_learning_rate_logging, build_optimizer, parameter_group
 from phi3v.sources import take
-from phi3v.training import make_trainer, save_outputs, setup_logging, write_run_summary
+from phi3v.training import make_trainer, run_training, save_outputs, setup_logging, write_run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def one_line(error) -> str:
 def run(argv=None):
     args, task, training_args = parse(argv)
     setup_logging(training_args)
+    resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
 
     # Data
     train_rows = take(load_records(task.data_path, task.image_folder, args.skip_bad_samples), 0, args.max_train_samples)
@@ -236,13 +238,15 @@ def run(argv=None):
 
     eval_dataset = SFTDataset(eval_rows, **dataset_options) if eval_rows is not None else None
     eval_before = None
-    if eval_dataset is not None and not args.skip_eval_before:
+    if eval_dataset is not None and not args.skip_eval_before and not resume:
         eval_before = evaluate(model, processor, eval_dataset, score, args, training_args, "eval_before")
 
     # Train
-    trainer = make_trainer(model, training_args, train_dataset, processor, optimizers=(optimizer, None))
+    trainer = make_trainer(model, training_args, train_dataset, processor, optimizers=(optimizer, None),
+                           skip_nonfinite=args.skip_nonfinite_steps)
     add_learning_rate_logging(trainer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
+        return
     save_outputs(trainer, processor, args)
 
     eval_after = None

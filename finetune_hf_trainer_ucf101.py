@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
+from phi3v.checkpoints import prepare_resume
 from phi3v.data import load_records
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import evaluate
@@ -34,6 +35,7 @@ from phi3v.sources import take
 from phi3v.training import (
     make_trainer,
     model_for_training,
+    run_training,
     save_outputs,
     setup_logging,
     write_run_summary,
@@ -72,6 +74,7 @@ def score(predictions):
 def main():
     args, task_args, training_args = parse_args(UCF101Arguments, num_crops=4, batch_size=16, batch_size_per_gpu=1)
     setup_logging(training_args)
+    resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
 
     # Data: records already in the project's form (no to_record), frames under data_dir/images
     train_file, eval_file = data_files(task_args.data_dir)
@@ -87,13 +90,15 @@ def main():
     # Model
     model = model_for_training(args, training_args)
 
-    eval_before = None if args.skip_eval_before else evaluate(
+    eval_before = None if args.skip_eval_before or resume else evaluate(
         model, processor, eval_dataset, score, args, training_args, "eval_before"
     )
 
     # Train
-    trainer = make_trainer(model, training_args, train_dataset, processor)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer = make_trainer(model, training_args, train_dataset, processor,
+                           skip_nonfinite=args.skip_nonfinite_steps)
+    if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
+        return
     save_outputs(trainer, processor, args)
 
     # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config

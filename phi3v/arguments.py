@@ -51,6 +51,10 @@ class RecipeArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training samples"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
     skip_eval_before: bool = field(default=False, metadata={"help": "do not evaluate the model before training"})
+    skip_nonfinite_steps: bool = field(
+        default=False,
+        metadata={"help": "skip optimizer steps with NaN/inf gradients (counted as nonfinite_steps) instead of stopping"},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "allow a new run into a non-empty --output_dir (else: refuse or resume)"}
     )

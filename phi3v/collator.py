@@ -78,6 +78,8 @@ class Phi3VDataCollator:
             "labels": pad_sequences([e["labels"] for e in examples], IGNORE_INDEX, "right"),
             "attention_mask": pad_sequences([[1] * len(e["input_ids"]) for e in examples], 0, "right"),
         }
+        if all("sample_id" in e for e in examples):
+            batch["sample_ids"] = [e["sample_id"] for e in examples]  # not a model input: Phi3VTrainer takes it
         with_images = [e for e in examples if "pixel_values" in e]
         if with_images:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])

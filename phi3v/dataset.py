@@ -48,9 +48,11 @@ class SFTDataset(torch.utils.data.Dataset):
         record = self.record(index)
         images, messages = load_record_images(record, self.max_num_frames)
         try:
-            return tokenize_conversation(self.processor, messages, images, self.num_crops, self.max_length)
+            example = tokenize_conversation(self.processor, messages, images, self.num_crops, self.max_length)
         except ValueError as error:
             raise BadSampleError(f"{record['source']}: {error}") from None
+        example["sample_id"] = record["id"]  # names the samples of a batch in error messages
+        return example
 
     def __getitem__(self, index):
         if not self.skip_bad_samples:

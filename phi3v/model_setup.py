@@ -133,8 +133,11 @@ def prepare_for_kbit_training(model):
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    def numel(p):  # under ZeRO-3 a parameter is a 0-element shard; ds_numel is its full size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())
 
 
 def _base(model) -> Phi3VForCausalLM:

@@ -7,6 +7,7 @@ import torch
 from transformers import Trainer
 
 from phi3v.arguments import model_dtype
+from phi3v.checkpoints import NonFiniteCallback, SigtermCallback
 from phi3v.collator import Phi3VDataCollator
 from phi3v.metrics import normalise_answer
 from phi3v.model_setup import (
@@ -57,10 +58,27 @@ def model_for_training(args, training_args):
     return model
 
 
-def make_trainer(model, training_args, train_dataset, processor, callbacks=None, optimizers=(None, None)) -> Trainer:
+class Phi3VTrainer(Trainer):
+    """The Trainer, plus: the ids of each batch's samples reach the non-finite check (for its message)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sample_ids = inputs.pop("sample_ids", None)
+        if sample_ids is not None:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, NonFiniteCallback):
+                    callback.remember_batch_ids(sample_ids)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+def make_trainer(
+    model, training_args, train_dataset, processor, callbacks=None, optimizers=(None, None), skip_nonfinite=False
+) -> Trainer:
+    """The Trainer of every recipe: padding collator, SIGTERM -> checkpoint and clean stop, NaN/inf gradients
+    stop the run (or skip the step), throughput and memory in the logs."""
     if len(train_dataset) == 0:
         raise ValueError("the training split is empty")
-    trainer = Trainer(
+    callbacks = [SigtermCallback(), NonFiniteCallback(skip=skip_nonfinite)] + list(callbacks or [])
+    trainer = Phi3VTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -72,6 +90,16 @@ def make_trainer(model, training_args, train_dataset, processor, callbacks=None,
     # images/s, tokens/s and peak memory in the logs; first, so the reporting callbacks see them.
     ThroughputCallback.install_first(trainer)
     return trainer
+
+
+def run_training(trainer: Trainer, resume_from_checkpoint=None) -> bool:
+    """trainer.train(); False when SIGTERM stopped it (a checkpoint was saved: resume from it later)."""
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    sigterm = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SigtermCallback))
+    if sigterm.stopped:
+        logger.warning(sigterm.message)
+        return False
+    return True
 
 
 def save_outputs(trainer: Trainer, processor, args) -> None:
