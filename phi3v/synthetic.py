@@ -131,3 +131,25 @@ def write_ucf101_folder(folder: str, videos_per_class: dict, num_frames: int = 8
             for line in lines:
                 f.write(json.dumps(line) + "\n")
     return folder
+
+
+def shapes_dataset(folder: str, train: int = 96, test: int = 16, seed: int = 0) -> str:
+    """The data of examples/finetune_hf_trainer_shapes.py: {"image", "colour"} rows (a red or blue disc or
+    square), "train" and "test" splits."""
+    import datasets
+
+    rng = random.Random(seed)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            colour = rng.choice(["red", "blue"])
+            image = _canvas(rng)
+            x, y = rng.randint(20, 120), rng.randint(20, 120)
+            _shape(ImageDraw.Draw(image), rng.choice(["disc", "square"]), (x, y, x + 180, y + 180), COLOURS[colour])
+            out.append({"image": image, "colour": colour})
+        return out
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(train)),
+                          "test": datasets.Dataset.from_list(rows(test))}).save_to_disk(folder)
+    return folder

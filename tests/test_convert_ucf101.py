@@ -310,3 +310,24 @@ def test_script_with_archive(converted, dataset, tmp_path):
     assert "train: 5 converted, 2 skipped" in proc.stdout
     assert jsonl_bytes(tmp_path / "out") == jsonl_bytes(out)
     assert (tmp_path / "out/_videos/UCF101_subset/train/Basketball/short.avi").exists()
+
+
+def test_converted_folder_trains_with_the_ucf101_recipe(converted, tiny_checkpoint, tmp_path):
+    """The converter's output is what finetune_hf_trainer_ucf101.py reads: a few steps train, and it evaluates."""
+    data_dir, _ = converted
+    out_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "finetune_hf_trainer_ucf101.py"),
+         "--model_name_or_path", tiny_checkpoint, "--data_dir", str(data_dir), "--output_dir", str(out_dir),
+         "--num_crops", "1", "--max_steps", "2", "--batch_size", "2", "--batch_size_per_gpu", "2",
+         "--max_eval_samples", "2", "--eval_batch_size", "2", "--max_new_tokens", "3", "--save_strategy", "no",
+         "--report_to", "none", "--dataloader_num_workers", "0", "--no-tqdm", "--deepspeed", "none"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((out_dir / "eval_after.json").read_text())
+    assert after["num_samples"] == 2 and "accuracy" in after
+    eval_file = data_dir / "ucf101_test.jsonl"
+    golds = [r["conversations"][0]["assistant"] for r in read_jsonl(eval_file)[:2]]
+    assert [p["answer"] for p in after["predictions"]] == golds
+    assert (out_dir / "eval_before.json").is_file() and (out_dir / "model.safetensors").is_file()

@@ -1,0 +1,85 @@
+"""A fifth task made from a copy of finetune_hf_trainer_hateful_memes.py: name the colour of the shape in a picture.
+
+The worked example of the README's "start a new task": only the task part changed (DATASET, to_record, score);
+the recipe below it is the template's, line for line. Data: a local `save_to_disk` folder (--dataset_path) with
+"train" and "test" splits of rows {"image": PIL image, "colour": "red" | "blue" | ...}; phi3v.synthetic makes one:
+
+    python -c "from phi3v.synthetic import shapes_dataset; shapes_dataset('data/shapes')"
+    python examples/finetune_hf_trainer_shapes.py --dataset_path data/shapes --model_name_or_path <model>
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere in the repo
+
+from phi3v import Phi3VProcessor  # noqa: E402
+from phi3v.arguments import parse_args  # noqa: E402
+from phi3v.checkpoints import prepare_resume  # noqa: E402
+from phi3v.dataset import SFTDataset  # noqa: E402
+from phi3v.evaluation import evaluate  # noqa: E402
+from phi3v.metrics import gold_choice_accuracy  # noqa: E402
+from phi3v.sources import load_split, take  # noqa: E402
+from phi3v.training import (  # noqa: E402
+    make_trainer,
+    model_for_training,
+    run_training,
+    save_outputs,
+    setup_logging,
+    write_run_summary,
+)
+
+# ------------------------------------------------------------------------------------------------ the task
+DATASET = "local shapes"  # no hub copy: --dataset_path is required
+
+
+def to_record(row, index):
+    """{"image", "colour"} -> a record (phi3v.data): one image, one question, the colour's name as the answer."""
+    return {"id": f"shapes-{index}", "source": f"shapes[{index}]", "images": [row["image"]], "video": None,
+            "messages": [{"role": "user", "content": "<|image_1|>\nWhat colour is the shape?"},
+                         {"role": "assistant", "content": row["colour"]}]}
+
+
+def score(predictions):
+    """Accuracy: each prediction is parsed onto the set of gold answers (phi3v.metrics.parse_choice)."""
+    return "accuracy", gold_choice_accuracy(predictions)
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def main():
+    args, task_args, training_args = parse_args(num_crops=4, batch_size=16)
+    setup_logging(training_args)
+    resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
+    if not args.dataset_path:
+        sys.exit("this example trains on local data: pass --dataset_path (a save_to_disk folder)")
+
+    # Data
+    train_rows = take(load_split(DATASET, None, "train", args.dataset_path), 0, args.max_train_samples)
+    eval_rows = take(load_split(DATASET, None, "test", args.dataset_path), 0, args.max_eval_samples)
+    processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+    dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
+                           max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
+    train_dataset = SFTDataset(train_rows, **dataset_options)
+    eval_dataset = SFTDataset(eval_rows, **dataset_options)
+
+    # Model
+    model = model_for_training(args, training_args)
+
+    eval_before = None if args.skip_eval_before or resume else evaluate(
+        model, processor, eval_dataset, score, args, training_args, "eval_before"
+    )
+
+    # Train
+    trainer = make_trainer(model, training_args, train_dataset, processor,
+                           skip_nonfinite=args.skip_nonfinite_steps)
+    if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
+        return
+    save_outputs(trainer, processor, args)
+
+    # Evaluate the model as trained; plots and run config
+    eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=True)
+
+
+if __name__ == "__main__":
+    main()
