@@ -73,10 +73,18 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if info["missing_keys"]:
+            # transformers would only print a report and initialise them randomly: silently wrong outputs.
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: {len(missing)} weight tensor(s) of the model in config.json are not "
+                f"in the checkpoint (e.g. {', '.join(missing[:3])}): does config.json belong to these weights?"
+            )
         model.model.vision_embed_tokens.freeze_unused_layers()  # loading makes fresh (trainable) parameters
-        return model
+        return (model, info) if output_loading_info else model
 
     def forward(
         self,

@@ -279,3 +279,22 @@ def test_bad_model_inputs(model, batch):
     short = Phi3VForCausalLM(tiny_config(max_position_embeddings=32, original_max_position_embeddings=16))
     with pytest.raises(ValueError, match="40 tokens long, more than the model's limit of 32"):
         short(input_ids=torch.ones(1, 40, dtype=torch.long))
+
+
+def test_model_folder_without_weights_or_with_a_mismatched_config(tiny_checkpoint, tmp_path):
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_checkpoint, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(OSError, match="no file named model.safetensors.*no_weights"):
+        Phi3VForCausalLM.from_pretrained(no_weights)
+    extra_layer = tmp_path / "extra_layer"  # same shapes, one layer more: would load with a random layer
+    shutil.copytree(tiny_checkpoint, extra_layer)
+    config = json.loads((extra_layer / "config.json").read_text())
+    (extra_layer / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="6 weight tensor\\(s\\) .* not in the checkpoint .*model.layers.2.*"
+                                         "does config.json belong to these weights"):
+        Phi3VForCausalLM.from_pretrained(extra_layer)
+    wider = tmp_path / "wider"
+    shutil.copytree(tiny_checkpoint, wider)
+    (wider / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # size mismatches: transformers refuses
+        Phi3VForCausalLM.from_pretrained(wider)
