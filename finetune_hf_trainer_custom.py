@@ -40,7 +40,6 @@ from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls
 from phi3v.model_setup import (
     apply_lora,
-    count_parameters,
     freeze_vision_tower,
     load_model,
     lora_target_modules,
@@ -48,7 +47,14 @@ from phi3v.model_setup import (
 )
 from phi3v.optim import add_learning_rate_logging, build_optimizer, parameter_group
 from phi3v.sources import take
-from phi3v.training import make_trainer, run_training, save_outputs, setup_logging, write_run_summary
+from phi3v.training import (
+    make_trainer,
+    place_and_report,
+    run_training,
+    save_outputs,
+    setup_logging,
+    write_run_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +195,7 @@ def build_model(args, task, training_args):
         for name, parameter in model.named_parameters():
             if parameter_group(name) in frozen:
                 parameter.requires_grad_(False)
-    if task.bits == 16 and not training_args.deepspeed:
-        model.to(training_args.device)
-    trainable, total = count_parameters(model)
-    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    return model
+    return place_and_report(model, training_args, quantized=task.bits < 16)
 
 
 def score(predictions):

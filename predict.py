@@ -27,9 +27,10 @@ from transformers import TextStreamer
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
 from phi3v.data import IMAGE_TAG_RE, load_records, open_image
 from phi3v.dataset import SFTDataset
-from phi3v.evaluation import STOP_TOKEN_IDS, generate_answers
+from phi3v.evaluation import generate_answers
 from phi3v.metrics import accuracy, mean_anls
 from phi3v.model_setup import attention_implementation
+from phi3v.processing import STOP_TOKEN_IDS, image_tag_block
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -124,7 +125,7 @@ def user_message(prompt, num_images) -> str:
     """The prompt with one <|image_k|> tag line per image in front, unless it already has its tags."""
     if IMAGE_TAG_RE.search(prompt):
         return prompt  # the processor checks the tags match the images
-    return "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1)) + prompt
+    return image_tag_block(range(1, num_images + 1)) + prompt
 
 
 def read_images(args) -> list:

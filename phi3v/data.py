@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE
+from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE, image_tag_block
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,6 @@ MAX_REASONS_LOGGED = 5
 
 class BadSampleError(ValueError):
     """A data problem. The message starts with where it came from: "data/train.jsonl:12: ..."."""
-
-
-def _image_tags(numbers):
-    """[1, 2] -> "<|image_1|>\\n<|image_2|>\\n": the tag block put in front of a prompt."""
-    return "".join(f"<|image_{k}|>\n" for k in numbers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +149,7 @@ def _parse_project(obj, source, image_root):
         numbers = list(range(len(images) + 1, len(images) + len(paths) + 1))
         tagged = [int(k) for k in IMAGE_TAG_RE.findall(user)]
         if not tagged:
-            user = _image_tags(numbers) + user
+            user = image_tag_block(numbers) + user
         elif tagged != numbers:
             want = ", ".join(f"<|image_{k}|>" for k in numbers) or "none"
             got = ", ".join(f"<|image_{k}|>" for k in tagged)
@@ -373,7 +368,7 @@ def load_record_images(record, max_num_frames=10):
         if not frames:
             raise BadSampleError(f"{source}: no frames decoded from video {record['video']}")
         images = [open_image(frame, source) for frame in frames]
-        tags = _image_tags(range(1, len(images) + 1))
+        tags = image_tag_block(range(1, len(images) + 1))
         placeholders = [m for m in messages if VIDEO_PLACEHOLDER in m["content"]]
         if len(placeholders) != 1 or placeholders[0]["content"].count(VIDEO_PLACEHOLDER) != 1:
             raise BadSampleError(f"{source}: a video record needs exactly one <video> placeholder")

@@ -10,11 +10,10 @@ from tqdm.auto import tqdm
 
 from phi3v.collator import generation_prompt
 from phi3v.data import load_record_images
+from phi3v.processing import STOP_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
 
-# The chat model ends its answer with <|end|> (32007), sometimes followed by <|endoftext|> (32000) (spec 8).
-STOP_TOKEN_IDS = [32007, 32000]
 
 
 @torch.no_grad()

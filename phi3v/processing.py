@@ -31,6 +31,8 @@ CHAT_TEMPLATE = (
 )
 END_OF_TURN = "<|end|>"  # 32007: what the chat model ends its answer with
 END_OF_TEXT = "<|endoftext|>"  # 32000: eos and pad
+# Generation stops at the chat model's end of turn: <|end|> (32007), sometimes followed by <|endoftext|> (spec 8).
+STOP_TOKEN_IDS = [32007, 32000]
 
 PACKAGED_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer.json")
 
@@ -45,6 +47,11 @@ def check_image_tags(text: str, num_images: int, first: int = 1) -> None:
         )
     if len(numbers) != num_images:
         raise ValueError(f"the prompt has {len(numbers)} image tag(s) but {num_images} image(s) were given")
+
+
+def image_tag_block(numbers) -> str:
+    """[1, 2] -> "<|image_1|>\n<|image_2|>\n": the tag lines put in front of a prompt for its images."""
+    return "".join(f"<|image_{k}|>\n" for k in numbers)
 
 
 def pad_sequences(sequences: list[list[int]], pad_value: int, side: str = "right") -> torch.Tensor:

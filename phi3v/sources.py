@@ -3,6 +3,7 @@
 import os
 
 from phi3v.data import load_records
+from phi3v.processing import image_tag_block
 
 
 def load_split(hub_id: str, config_name: str | None, split: str, dataset_path: str | None = None, skip_bad_samples=False):
@@ -52,7 +53,7 @@ def cauldron_record(row, index: int, dataset: str, config: str) -> dict:
     """
     if is_record(row):  # already a record (jsonl --dataset_path)
         return row
-    tags = "".join(f"<|image_{k}|>\n" for k in range(1, len(row["images"]) + 1))
+    tags = image_tag_block(range(1, len(row["images"]) + 1))
     messages = []
     for turn, text in enumerate(row["texts"]):
         messages.append({"role": "user", "content": (tags if turn == 0 else "") + text["user"]})

@@ -12,10 +12,7 @@ from transformers import GenerationConfig
 
 from phi3v.configuration import Phi3VConfig
 from phi3v.modeling import Phi3VForCausalLM
-from phi3v.processing import packaged_processor
-
-# Generation stops at the chat model's end of turn: <|end|> (32007) or <|endoftext|> (32000) (spec 8).
-STOP_TOKEN_IDS = [32007, 32000]
+from phi3v.processing import STOP_TOKEN_IDS, packaged_processor
 
 
 def tiny_config(**overrides) -> Phi3VConfig:

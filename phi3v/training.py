@@ -51,7 +51,13 @@ def model_for_training(args, training_args):
             dropout=args.lora_dropout,
             target_modules=lora_target_modules(model, vision=vision),
         )
-    if not args.use_qlora and not training_args.deepspeed:
+    return place_and_report(model, training_args, quantized=args.use_qlora)
+
+
+def place_and_report(model, training_args, quantized: bool):
+    """Move the model to this process's device (bitsandbytes and DeepSpeed place it themselves) and log how
+    much of it trains."""
+    if not quantized and not training_args.deepspeed:
         model.to(training_args.device)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
