@@ -29,7 +29,7 @@ from phi3v.data import IMAGE_TAG_RE, load_records, open_image
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import generate_answers
 from phi3v.metrics import accuracy, mean_anls
-from phi3v.model_setup import attention_implementation
+from phi3v.model_setup import attention_implementation, load_adapter
 from phi3v.processing import STOP_TOKEN_IDS, image_tag_block
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -110,10 +110,9 @@ def load_for_inference(path, base_model=None, dtype=torch.float32, device="cpu",
         source, dtype=dtype, attn_implementation=attention_implementation(use_flash_attention)
     )
     if kind == "adapter":
-        from peft import PeftModel
-
-        # Folding LoRA into the weights makes generation as fast as with a full model.
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        # Checked against the base first (another base's adapter: a ValueError naming the tensor); folding LoRA
+        # into the weights makes generation as fast as with a full model.
+        model = load_adapter(model, path).merge_and_unload()
     # A run's output folder carries the processor it trained with; an adapter folder may not.
     has_processor = os.path.isdir(path) and os.path.isfile(os.path.join(path, "preprocessor_config.json"))
     processor = Phi3VProcessor.from_pretrained(path if has_processor else source)

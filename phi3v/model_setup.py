@@ -1,7 +1,10 @@
 """Loading the model for a training strategy: full, frozen vision tower, LoRA, QLoRA (4-bit base + LoRA)."""
 
 import importlib.util
+import json
 import logging
+import os
+import pickle
 import re
 
 import torch
@@ -143,3 +146,126 @@ def count_parameters(model) -> tuple[int, int]:
 def _base(model) -> Phi3VForCausalLM:
     """The Phi3VForCausalLM inside a PeftModel (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ------------------------------------------------------------------------------------------------ LoRA adapters
+_LORA_TENSOR = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$"
+)
+
+
+def adapter_tensor_shapes(adapter_dir) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a saved adapter, read without running any pickled code."""
+    safetensors_path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    bin_path = os.path.join(adapter_dir, "adapter_model.bin")
+    if os.path.isfile(safetensors_path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(safetensors_path, framework="pt") as f:  # reads the header only
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as error:  # safetensors raises its own SafetensorError for a damaged file
+            raise ValueError(f"{safetensors_path}: not a readable safetensors file ({error})") from None
+    if os.path.isfile(bin_path):
+        # An adapter folder is untrusted input: weights_only loads tensors only and refuses any other pickled object.
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            # torch's message is a page of advice; the name of the refused global is what matters
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            reason = f"it references {found[1]}" if found else "not a plain tensor file"
+            raise ValueError(f"{bin_path}: refused to load, it holds more than tensors ({reason})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{bin_path}: not an adapter state dict (name -> tensor)")
+        return {key: tuple(value.shape) for key, value in state.items()}
+    raise ValueError(f"{adapter_dir}: no adapter weights (adapter_model.safetensors or adapter_model.bin)")
+
+
+def _expected_lora_shape(module, part: str, found: tuple) -> tuple | None:
+    """The shape `part` of a LoRA adapter on `module` must have (the rank taken from `found`); None: unknown."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):  # nn.Linear, bitsandbytes layers
+        fan_in, fan_out = module.in_features, module.out_features
+    elif hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"):
+        fan_in, fan_out = module.num_embeddings, module.embedding_dim
+    else:
+        return None
+    if part == "lora_magnitude_vector":
+        return (fan_out,)
+    if part in ("lora_A", "lora_embedding_A"):
+        return (found[0] if len(found) == 2 else "r", fan_in)
+    return (fan_out, found[1] if len(found) == 2 else "r")
+
+
+def check_adapter_fits(base_model, adapter_dir) -> None:
+    """Raise ValueError (naming the adapter, the base model and the first tensor that does not fit) unless every
+    tensor of the adapter in `adapter_dir` has a module of `base_model` to go on, with matching shapes."""
+    base = _base(base_model)
+    base_name = getattr(base, "name_or_path", "") or type(base).__name__
+    modules = dict(base.named_modules())
+    parameters = {name: tuple(p.shape) for name, p in base.named_parameters()}
+    shapes = adapter_tensor_shapes(adapter_dir)
+    missing, mismatched = [], []
+    for key, found in shapes.items():
+        name = key.removeprefix("base_model.model.")
+        match = _LORA_TENSOR.match(name)
+        if match is None:  # a fully saved layer (modules_to_save, an adapted lm_head): that base parameter
+            name = name if name in parameters else name.replace(".base_layer.", ".")
+            if name not in parameters:
+                missing.append((key, found, name))
+            elif parameters[name] != found:
+                mismatched.append((key, found, parameters[name]))
+            continue
+        module_name = match["module"]
+        if module_name not in modules:
+            missing.append((key, found, module_name))
+            continue
+        expected = _expected_lora_shape(modules[module_name], match["part"], found)
+        if expected is not None and expected != found:
+            mismatched.append((key, found, expected))
+    where = f"{adapter_dir}: this LoRA adapter does not fit the base model {base_name}"
+    hint = "; was the adapter trained on another base model? (predict.py / merge_lora.py: --base_model)"
+    if mismatched:
+        key, found, expected = mismatched[0]
+        raise ValueError(
+            f"{where}: {len(mismatched)} of its {len(shapes)} tensors have the wrong shape, first {key}: "
+            f"expected {expected}, found {found}{hint}"
+        )
+    if missing:
+        key, found, module_name = missing[0]
+        raise ValueError(
+            f"{where}: {len(missing)} of its {len(shapes)} tensors adapt modules the base model does not have, "
+            f"first {key} (shape {found}): the base model has no {module_name}{hint}"
+        )
+
+
+def load_adapter(base_model, adapter_dir, **kwargs):
+    """PeftModel.from_pretrained(base_model, adapter_dir), after checking the adapter fits the base model.
+
+    Every loader of a saved adapter goes through here: an adapter trained on another base model is refused with a
+    ValueError naming the first tensor that does not fit (expected vs found shape), instead of a deep
+    size-mismatch traceback or, when only the layer count differs, a silent partial load. If the base model
+    recorded in adapter_config.json is not the one used but the shapes fit, it loads with a warning.
+    """
+    from peft import PeftModel
+
+    adapter_dir = os.fspath(adapter_dir)
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (is it the output folder of a LoRA run?)")
+    with open(config_path) as f:
+        recorded = json.load(f).get("base_model_name_or_path")
+    check_adapter_fits(base_model, adapter_dir)
+    used = getattr(_base(base_model), "name_or_path", "")
+    if recorded and used and not _same_model(recorded, used):
+        logger.warning(
+            "%s was trained on %s but is loaded onto %s: the shapes fit, but check that this is the base you mean",
+            adapter_dir, recorded, used,
+        )
+    return PeftModel.from_pretrained(base_model, adapter_dir, **kwargs)
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model names/paths point at the same model (folders compared by their real path)."""
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")

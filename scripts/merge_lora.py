@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the phi3v package
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor  # noqa: E402
+from phi3v.model_setup import load_adapter  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -34,11 +35,9 @@ def base_model_of(adapter_dir: str) -> str:
 
 
 def merge(adapter_dir: str, output_dir: str, base_model: str | None = None, dtype: str = "bfloat16") -> str:
-    from peft import PeftModel
-
     base_model = base_model or base_model_of(adapter_dir)
     model = Phi3VForCausalLM.from_pretrained(base_model, dtype=DTYPES[dtype])
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged = load_adapter(model, adapter_dir).merge_and_unload()  # refuses an adapter of another base model
     merged.save_pretrained(output_dir)
     has_processor = os.path.isfile(os.path.join(adapter_dir, "preprocessor_config.json"))
     Phi3VProcessor.from_pretrained(adapter_dir if has_processor else base_model).save_pretrained(output_dir)
@@ -52,7 +51,10 @@ def main():
     parser.add_argument("--base_model", default=None, help="default: base_model_name_or_path of the adapter config")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the merged weights")
     args = parser.parse_args()
-    merge(args.adapter_dir, args.output_dir, args.base_model, args.dtype)
+    try:  # an adapter of another base model, a missing folder: one line, nothing written
+        merge(args.adapter_dir, args.output_dir, args.base_model, args.dtype)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
     print(f"merged model saved to {args.output_dir}")
 
 
