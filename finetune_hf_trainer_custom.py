@@ -53,6 +53,7 @@ from phi3v.training import (
     run_training,
     save_outputs,
     setup_logging,
+    start_deepspeed_comm_for_zero3,
     write_run_summary,
 )
 
@@ -180,13 +181,14 @@ def lora_targets(model, task) -> list[str]:
 
 def build_model(args, task, training_args):
     """The model with exactly the parts to train left trainable (LoRA: its adapters, the rest frozen)."""
+    start_deepspeed_comm_for_zero3(training_args)
     model = load_model(args.model_name_or_path, dtype=model_dtype(training_args),
                        use_flash_attention=args.use_flash_attention, bits=task.bits)
     if task.bits < 16:
         model = prepare_for_kbit_training(model)
     if args.use_lora:
         model = apply_lora(model, rank=args.lora_rank, alpha=task.lora_alpha, dropout=args.lora_dropout,
-                           target_modules=lora_targets(model, task))
+                           target_modules=lora_targets(model, task), seed=training_args.seed)
     else:
         if task.freeze_vision_tower:
             freeze_vision_tower(model)

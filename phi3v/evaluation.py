@@ -1,5 +1,6 @@
 """Generation-based evaluation: batched greedy answers, sharded across ranks, scored, written to JSON."""
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,17 @@ from phi3v.processing import STOP_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
 
+
+
+def full_weights(model):
+    """Under ZeRO-3 each rank holds a slice of every weight: gather them for the duration (a no-op otherwise).
+
+    Before training nothing gathers them on the fly (DeepSpeed's hooks come with the Trainer's engine)."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 @torch.no_grad()
@@ -33,16 +45,21 @@ def generate_answers(
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world_size))
+    # Every rank runs the same number of batches (a rank short of one repeats a record and drops its answer):
+    # under ZeRO-3 the ranks gather weights together at every forward, and one rank stopping early would hang.
+    per_rank = -(-len(dataset) // world_size)
+    padded = indices + [indices[-1] if indices else 0] * (per_rank - len(indices))
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     was_training = model.training
     model.eval()
     results = []
-    batches = range(0, len(indices), batch_size)
+    batches = range(0, len(padded), batch_size)
     for start in tqdm(batches, desc=description, disable=not progress or rank != 0):
         prompts, image_lists, records = [], [], []
-        for index in indices[start : start + batch_size]:
-            record = dataset.record(index)
+        for position in range(start, min(start + batch_size, len(padded))):
+            index = padded[position] if position < len(indices) else None  # None: a repeat, answer dropped
+            record = dataset.record(padded[position])
             images, messages = load_record_images(record, dataset.max_num_frames)
             prompt, answer = generation_prompt(processor, messages)
             prompts.append(prompt)
@@ -52,15 +69,18 @@ def generate_answers(
         inputs = {k: v.to(device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=STOP_TOKEN_IDS,
-            pad_token_id=processor.pad_token_id,
-        )
+        with full_weights(model):
+            generated = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=STOP_TOKEN_IDS,
+                pad_token_id=processor.pad_token_id,
+            )
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         for (index, record_id, answer, answers), ids in zip(records, new_tokens):
+            if index is None:
+                continue
             item = {"index": index, "id": record_id, "prediction": processor.decode(ids).strip(), "answer": answer}
             if answers is not None:  # several gold answers (DocVQA)
                 item["answers"] = list(answers)

@@ -32,6 +32,7 @@ def setup_logging(training_args) -> None:
 
 def model_for_training(args, training_args):
     """Load the model and prepare it for the chosen strategy: full, frozen vision, LoRA or QLoRA."""
+    start_deepspeed_comm_for_zero3(training_args)
     model = load_model(
         args.model_name_or_path,
         dtype=model_dtype(training_args),
@@ -50,8 +51,23 @@ def model_for_training(args, training_args):
             alpha=args.lora_rank * args.lora_alpha_ratio,
             dropout=args.lora_dropout,
             target_modules=lora_target_modules(model, vision=vision),
+            seed=training_args.seed,
         )
     return place_and_report(model, training_args, quantized=args.use_qlora)
+
+
+def start_deepspeed_comm_for_zero3(training_args) -> None:
+    """ZeRO-3 partitions the weights across ranks while loading, which needs DeepSpeed's communication: the
+    Trainer's arguments start it on GPUs, but on CPUs (gloo) only torch.distributed is started."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    import deepspeed
+
+    training_args.device  # noqa: B018  (starts torch.distributed)
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=training_args.ddp_backend or "gloo", auto_mpi_discovery=False)
 
 
 def place_and_report(model, training_args, quantized: bool):

@@ -230,3 +230,18 @@ def test_global_batch_size_derivation():
     assert training_args.weight_decay == 0.01 and training_args.learning_rate == 4e-5
     args, _, training_args = parse_args(argv=["--output_dir", "/tmp/x", "--wd", "0.1", "--no-tqdm", "--use_qlora", "--report_to", "none"])
     assert training_args.weight_decay == 0.1 and training_args.disable_tqdm and args.use_lora
+
+
+def test_lora_init_follows_the_seed_alone(tiny_checkpoint):
+    """The adapters' random init depends on --seed only, not on the random numbers loading drew before it (ZeRO-3
+    loading draws some, plain loading none): otherwise the same run under ZeRO-2 and ZeRO-3 trains differently."""
+    def lora_a(seed, draws_before):
+        model = load_model(tiny_checkpoint)
+        torch.rand(draws_before)
+        adapted = apply_lora(model, 8, 16, 0.0, lora_target_modules(model, vision=True), seed=seed)
+        return {n: p.detach().clone() for n, p in adapted.named_parameters() if "lora_A" in n}
+
+    a, b, c = lora_a(0, 0), lora_a(0, 1000), lora_a(1, 0)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(torch.equal(a[n], c[n]) for n in a)
