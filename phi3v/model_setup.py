@@ -107,9 +107,17 @@ def lora_target_modules(
     return [name for name in names if not any(fragment in name for fragment in exclude)]
 
 
-def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str], modules_to_save=None):
-    """Wrap `target_modules` with LoRA adapters (gaussian init, as the official recipe); returns a PeftModel."""
+def apply_lora(
+    model, rank: int, alpha: float, dropout: float, target_modules: list[str], modules_to_save=None, seed=None
+):
+    """Wrap `target_modules` with LoRA adapters (gaussian init, as the official recipe); returns a PeftModel.
+
+    seed: the adapters' random init then depends on it alone, not on how many random numbers loading the model
+    drew (ZeRO-3 loading draws some, plain loading none)."""
     from peft import LoraConfig, get_peft_model
+
+    if seed is not None:
+        torch.manual_seed(seed)
 
     if not target_modules:
         raise ValueError("LoRA has no module to wrap: check the LoRA options (layers, exclusions)")
