@@ -84,6 +84,11 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
                 f"in the checkpoint (e.g. {', '.join(missing[:3])}): does config.json belong to these weights?"
             )
         model.model.vision_embed_tokens.freeze_unused_layers()  # loading makes fresh (trainable) parameters
+        # transformers' ZeRO-3 loader keeps every candidate key conversion, used or not (its plain loader keeps only
+        # the used ones), and save_pretrained would then "restore" CLIP's legacy `vision_model.` prefix on saving.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions if c.was_used()]
         return (model, info) if output_loading_info else model
 
     def forward(
