@@ -2,7 +2,9 @@
 
 Checks what only a multi-process run exercises: the global batch split into per-GPU batch x GPUs x accumulation,
 evaluation sharded across ranks and gathered back in dataset order, one report file written by rank 0, a saved
-model that loads, and ZeRO-2 training exactly as DDP does (same losses, same weights).
+model that loads, and ZeRO-2 training exactly as DDP does (same losses, same weights). ZeRO-3 partitions the
+weights from loading on: it must train, evaluate (before training too) and save exactly as DDP, in the official
+layout, and resume from its own checkpoints.
 
 DeepSpeed compiles its CPU communication op on first use (about a minute); TORCH_EXTENSIONS_DIR keeps the build
 (default ~/.cache/phi3v-torch-extensions) so later runs take seconds.
@@ -109,6 +111,22 @@ def zero2_run(data):
 
 
 @pytest.fixture(scope="module")
+def zero3_runs(data):
+    """ZeRO-3 (weights partitioned across the 2 ranks from loading on): a straight run saving every step, and a
+    run resumed from its step-1 checkpoint in a fresh folder."""
+    reason = deepspeed_unavailable()
+    if reason:
+        pytest.skip(f"DeepSpeed cannot run here ({reason})")
+    zero3 = ["--deepspeed", os.path.join(ROOT, "ds_configs", "zero3.json"), *COMMON_FLAGS, "--save_steps", "1",
+             "--save_total_limit", "3"]
+    straight, resumed = str(data["folder"] / "zero3"), str(data["folder"] / "zero3-resumed")
+    torchrun(straight, *data["flags"], *zero3)
+    shutil.copytree(os.path.join(straight, "checkpoint-1"), os.path.join(resumed, "checkpoint-1"))
+    torchrun(resumed, *data["flags"], *zero3, "--skip_eval_before", "--resume_from_checkpoint", "auto")
+    return {"straight": straight, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
 def ddp_run(data):
     run_dir = str(data["folder"] / "ddp")
     torchrun(run_dir, *data["flags"], "--deepspeed", "none", "--skip_eval_before", *COMMON_FLAGS)
@@ -190,3 +208,35 @@ def test_zero2_trains_as_ddp(zero2_run, ddp_run):
     b = load_file(os.path.join(ddp_run, "model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def predictions(run_dir, name):
+    with open(os.path.join(run_dir, f"{name}.json")) as f:
+        return [p["prediction"] for p in json.load(f)["predictions"]]
+
+
+def test_zero3_trains_evaluates_and_saves_as_ddp(zero3_runs, zero2_run, ddp_run, data):
+    from safetensors.torch import load_file
+
+    run = zero3_runs["straight"]
+    zero3, ddp = logged_losses(run, 3), logged_losses(ddp_run, 3)
+    print(f"\nlosses per step: ZeRO-3 {zero3}, DDP {ddp}")
+    for step in (1, 2, 3):
+        assert zero3[step] == pytest.approx(ddp[step], rel=1e-5, abs=1e-6), step
+    # Evaluation before training runs on weights gathered from the partitions; after training, through the
+    # Trainer's engine. Both answer exactly as the unpartitioned model does.
+    assert predictions(run, "eval_before") == predictions(zero2_run["dir"], "eval_before")
+    assert predictions(run, "eval_after") == predictions(ddp_run, "eval_after")
+    # The saved model is whole (gathered on saving), in the official layout, with DDP's weights.
+    saved, initial = load_file(os.path.join(run, "model.safetensors")), load_file(
+        os.path.join(data["model"], "model.safetensors"))
+    assert saved.keys() == initial.keys()
+    reference = load_file(os.path.join(ddp_run, "model.safetensors"))
+    assert max((saved[k] - reference[k]).abs().max().item() for k in saved) < 1e-5
+
+
+def test_zero3_resume_continues_the_same_losses(zero3_runs):
+    straight, resumed = logged_losses(zero3_runs["straight"], 3), logged_losses(zero3_runs["resumed"], 3)
+    for step in (2, 3):  # trained by the resumed run, from the DeepSpeed checkpoint of step 1
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
+    assert not os.path.exists(os.path.join(zero3_runs["resumed"], "eval_before.json"))
