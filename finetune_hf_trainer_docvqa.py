@@ -1,8 +1,10 @@
 """Fine-tune Phi-3.5-vision on DocVQA (questions about scanned documents), evaluating before and after.
 
-Data: nielsr/docvqa_1200_examples, split "train" to train and "test" to evaluate; with --full_train the whole
-HuggingFaceM4/DocumentVQA, "train" to train and "validation" to evaluate (or --dataset_path: a save_to_disk
-DatasetDict folder holding those two splits, or a jsonl file in the project's format, used for both).
+Data: nielsr/docvqa_1200_examples, split "train" (1000 examples) to train and "test" (200) to evaluate; with
+--full_train, as the original recipe, the whole DocVQA training set from HuggingFaceM4/the_cauldron (config docvqa,
+~10k pages, every question of a page as one multi-turn conversation) to train, still evaluating on the 200
+(or --dataset_path: a save_to_disk DatasetDict folder holding "train" and "test", or a jsonl file in the project's
+format, used for both).
 Metric: ANLS (phi3v.metrics.mean_anls) of each generated answer against every gold answer of its question.
 
     torchrun --nproc_per_node=8 finetune_hf_trainer_docvqa.py --bf16 --use_flash_attention
@@ -18,7 +20,7 @@ from phi3v.checkpoints import prepare_resume
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls
-from phi3v.sources import is_record, load_split, take
+from phi3v.sources import cauldron_record, is_record, load_split, take
 from phi3v.training import (
     make_trainer,
     model_for_training,
@@ -29,27 +31,29 @@ from phi3v.training import (
 )
 
 # ------------------------------------------------------------------------------------------------ the task
-DATASET, EVAL_SPLIT = "nielsr/docvqa_1200_examples", "test"
-FULL_DATASET, FULL_EVAL_SPLIT = "HuggingFaceM4/DocumentVQA", "validation"
+DATASET = "nielsr/docvqa_1200_examples"
+FULL_DATASET, FULL_CONFIG = "HuggingFaceM4/the_cauldron", "docvqa"
 
 
 @dataclass
 class DocVQAArguments:
     full_train: bool = field(
         default=False,
-        metadata={"help": f"train on the full {FULL_DATASET} (evaluate on its {FULL_EVAL_SPLIT} split) "
-                          f"instead of the 1200 examples of {DATASET}"},
+        metadata={"help": f"train on all of DocVQA ({FULL_DATASET}, config {FULL_CONFIG}) instead of the 1000 "
+                          f"training examples of {DATASET} (evaluation stays on its 200 test examples)"},
     )
 
 
 def to_record(row, index):
     """A DocVQA row -> a record (phi3v.data) that also carries every gold answer for ANLS.
 
-    Two row shapes: the 1200-example subset ({"id", "image", "query": {"en": ...}, "answers"}) and the full
-    DocumentVQA ({"questionId", "image", "question", "answers"}).
+    Row shapes: the 1200-example subset ({"id", "image", "query": {"en": ...}, "answers"}), HuggingFaceM4/DocumentVQA
+    ({"questionId", "image", "question", "answers"}) and the_cauldron ({"images", "texts"}: --full_train).
     """
     if is_record(row):  # already a record (jsonl --dataset_path)
         return row
+    if "texts" in row:  # the_cauldron: its questions already ask for a short answer
+        return cauldron_record(row, index, FULL_DATASET, FULL_CONFIG)
     question = row["question"] if "question" in row else row["query"]["en"]
     answers = list(row["answers"])
     row_id = str(row.get("id", row.get("questionId", index)))  # questionId: the official DocVQA id
@@ -79,10 +83,10 @@ def main():
     resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
 
     # Data
-    dataset, eval_split = (FULL_DATASET, FULL_EVAL_SPLIT) if task_args.full_train else (DATASET, EVAL_SPLIT)
-    train_rows = take(load_split(dataset, None, "train", args.dataset_path, args.skip_bad_samples),
+    train_source = (FULL_DATASET, FULL_CONFIG) if task_args.full_train else (DATASET, None)
+    train_rows = take(load_split(*train_source, "train", args.dataset_path, args.skip_bad_samples),
                       0, args.max_train_samples)
-    eval_rows = take(load_split(dataset, None, eval_split, args.dataset_path, args.skip_bad_samples),
+    eval_rows = take(load_split(DATASET, None, "test", args.dataset_path, args.skip_bad_samples),
                      0, args.max_eval_samples)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,

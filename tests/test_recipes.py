@@ -114,7 +114,7 @@ def test_recipe_end_to_end(runs, task):
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_docvqa_to_record_reads_both_row_shapes():
+def test_docvqa_to_record_reads_every_row_shape():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("docvqa_recipe", script("docvqa"))
@@ -128,6 +128,18 @@ def test_docvqa_to_record_reads_both_row_shapes():
         assert record["messages"] == [{"role": "user", "content": "<|image_1|>\nWho signed?\nAnswer briefly."},
                                       {"role": "assistant", "content": "Ann"}]
         assert record["answers"] == ["Ann", "ann b"]
+    # --full_train: the_cauldron's docvqa rows, every question of the page one turn of a conversation
+    cauldron_row = {"images": ["page"], "texts": [
+        {"user": "Who signed?\nGive a very brief answer.", "assistant": "Ann"},
+        {"user": "When?\nGive a very brief answer.", "assistant": "1998"}]}
+    record = recipe.to_record(cauldron_row, 3)
+    assert record["id"] == "docvqa-3" and record["images"] == ["page"]
+    assert record["messages"] == [
+        {"role": "user", "content": "<|image_1|>\nWho signed?\nGive a very brief answer."},
+        {"role": "assistant", "content": "Ann"},
+        {"role": "user", "content": "When?\nGive a very brief answer."},
+        {"role": "assistant", "content": "1998"},
+    ]
 
 
 def test_ucf101_missing_train_file_is_one_line_error(tmp_path):
