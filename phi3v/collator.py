@@ -23,6 +23,11 @@ def tokenize_conversation(
     Each assistant turn is preceded by the chat-template prompt of the messages before it. BOS stands only
     where the processor puts it: at the start and after each image block; a later turn gets no BOS of its own.
     """
+    for message in messages:  # checked first: a bad message would otherwise fail deep inside with a TypeError
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"a message must be a dict with role 'system', 'user' or 'assistant', got {message!r}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"message content must be a string with inline image tags, got {message!r}")
     features = processor.image_processor(images, num_crops=num_crops) if images else None
     token_counts = features["num_img_tokens"] if features is not None else []
     input_ids, labels, pending, next_image = [], [], [], 1

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE, image_tag_block
+from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE, check_text, image_tag_block
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,20 @@ class BadSampleError(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 # validation shared by both formats
+
+
+def check_messages(messages, source):
+    """Each message a dict with a known role and string content (records made by a recipe's to_record skip the
+    file loaders' checks)."""
+    if not isinstance(messages, list) or not messages:
+        raise BadSampleError(f"{source}: 'messages' must be a non-empty list, got {messages!r}")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            roles = "'system', 'user' or 'assistant'"
+            raise BadSampleError(f"{source}: a message must be a dict with role {roles}, got {m!r}")
+        if not isinstance(m.get("content"), str):
+            kind = type(m.get("content")).__name__
+            raise BadSampleError(f"{source}: {m['role']} content must be a string, got {kind}")
 
 
 def check_image_tags(messages, num_images, source):
@@ -96,6 +110,10 @@ def _check_turns(messages, source):
         if not isinstance(m["content"], str):
             kind = type(m["content"]).__name__
             raise BadSampleError(f"{source}: {m['role']} content must be a string, got {kind}")
+        try:
+            check_text(m["content"])  # a JSON "\ud800" escape decodes to a lone surrogate the tokenizer chokes on
+        except ValueError as error:
+            raise BadSampleError(f"{source}: {m['role']} {error}") from None
         if m["role"] == "assistant" and not m["content"].strip():
             raise BadSampleError(f"{source}: empty assistant answer")
 
@@ -356,6 +374,7 @@ def load_record_images(record, max_num_frames=10):
     The record itself is not modified.
     """
     source = record["source"]
+    check_messages(record["messages"], source)
     messages = [dict(m) for m in record["messages"]]
     if record.get("video"):
         # video decoding pulls in PyAV; only import it when a record has a video

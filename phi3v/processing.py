@@ -49,6 +49,19 @@ def check_image_tags(text: str, num_images: int, first: int = 1) -> None:
         raise ValueError(f"the prompt has {len(numbers)} image tag(s) but {num_images} image(s) were given")
 
 
+def check_text(text) -> None:
+    """Raise ValueError unless `text` is a str the tokenizer can take: JSON escapes can carry lone surrogates
+    ("\\ud800"), which are not valid Unicode and which the tokenizer fails on with a TypeError."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"text is not valid Unicode: lone surrogate {text[error.start]!r} at character {error.start}"
+        ) from None
+
+
 def image_tag_block(numbers) -> str:
     """[1, 2] -> "<|image_1|>\n<|image_2|>\n": the tag lines put in front of a prompt for its images."""
     return "".join(f"<|image_{k}|>\n" for k in numbers)
@@ -114,6 +127,7 @@ class Phi3VProcessor:
 
         `first_image` is the number of the first tag in `text` (a later turn of a conversation continues the
         numbering); image_token_counts[i] is the token count of image first_image + i."""
+        check_text(text)
         check_image_tags(text, len(image_token_counts), first_image)
         chunks = IMAGE_TAG_SPLIT.split(text)
         encoded = self.tokenizer(chunks, add_special_tokens=True)["input_ids"]
@@ -125,6 +139,7 @@ class Phi3VProcessor:
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of text with no BOS (answers appended to a prompt)."""
+        check_text(text)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids, **kwargs) -> str:
@@ -261,4 +276,4 @@ def _as_list(ids) -> list[int]:
     return list(ids)
 
 
-__all__ = ["Phi3VProcessor", "check_image_tags", "pad_sequences", "load_tokenizer", "packaged_processor"]
+__all__ = ["Phi3VProcessor", "check_image_tags", "check_text", "pad_sequences", "load_tokenizer", "packaged_processor"]
