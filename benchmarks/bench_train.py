@@ -368,7 +368,7 @@ def run(spec: dict) -> dict:
         model.set_attn_implementation("eager")  # the language model and CLIP
         run_clip_on_every_slot(embedding)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
-    train_dataset = torch.load(spec["samples"])
+    train_dataset = torch.load(spec["samples"], weights_only=True)  # tensors, lists, dicts, str only: no pickled code
     trainer = make_trainer(model, training_args, train_dataset, processor, callbacks=[timer])
     if name == BASELINE:
         trainer.compute_loss_func = full_logits_loss(timer)  # read by Trainer.compute_loss at every step

@@ -334,12 +334,21 @@ def _to_rgb(img):
 def open_image(path_or_pil, source):
     """Open an image fully (so truncation shows up now) and return it as an upright RGB image.
 
-    A PIL image passed in (e.g. a video frame) is taken as already oriented; it is only checked
-    for size and converted to RGB.
+    A PIL image passed in (e.g. a video frame, or a hub dataset's image, which the datasets library opens
+    lazily) is taken as already oriented; it is decoded now, checked for size and converted to RGB.
     """
     if isinstance(path_or_pil, Image.Image):
-        name, img = "<in-memory image>", path_or_pil
-        img.load()
+        name, img = getattr(path_or_pil, "filename", None) or "<in-memory image>", path_or_pil
+        width, height = img.size
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise BadSampleError(
+                f"{source}: image too large, refused as a possible decompression bomb: {name} "
+                f"({width}x{height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS {Image.MAX_IMAGE_PIXELS})"
+            )
+        try:
+            img.load()  # a lazily opened image decodes here: truncation and corruption show up now
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
     else:
         name = str(path_or_pil)
         try:

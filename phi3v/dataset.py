@@ -6,6 +6,7 @@ import torch
 
 from phi3v.collator import tokenize_conversation
 from phi3v.data import BadSampleError, load_record_images
+from phi3v.sources import rows_name
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +17,10 @@ class SFTDataset(torch.utils.data.Dataset):
     rows: records (phi3v.data) or anything indexable whose items `to_record` turns into records (for
     example a Hugging Face dataset split, whose images stay undecoded until used).
     With skip_bad_samples, an item that fails (corrupt image, too long, ...) is logged and replaced by the
-    next good one, so a single bad file does not stop a long run.
+    next good one, so a single bad file does not stop a long run; `bad_samples` counts the distinct bad items
+    this process has met (each DataLoader worker counts its own), and every warning says how many so far.
+    A row that cannot be read or made into a record at all (a hub row with a missing key or an image that does
+    not decode) is a BadSampleError naming the row, like any other bad sample.
     """
 
     def __init__(
@@ -36,13 +40,21 @@ class SFTDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.max_num_frames = max_num_frames
         self.skip_bad_samples = skip_bad_samples
+        self.bad_samples = set()  # indices found bad (in this process)
 
     def __len__(self):
         return len(self.rows)
 
     def record(self, index) -> dict:
-        row = self.rows[index]
-        return self.to_record(row, index) if self.to_record is not None else row
+        try:
+            row = self.rows[index]  # a hub dataset decodes the row's images here
+            return self.to_record(row, index) if self.to_record is not None else row
+        except BadSampleError:
+            raise
+        except Exception as error:  # someone else's data: a missing key, a None, an image that does not decode
+            raise BadSampleError(
+                f"{rows_name(self.rows)} row {index}: cannot read the sample ({type(error).__name__}: {error})"
+            ) from error
 
     def example(self, index) -> dict:
         record = self.record(index)
@@ -61,5 +73,6 @@ class SFTDataset(torch.utils.data.Dataset):
             try:
                 return self.example((index + attempt) % len(self))
             except BadSampleError as error:
-                logger.warning("skipping bad sample: %s", error)
-        raise BadSampleError("every sample of the dataset is bad")
+                self.bad_samples.add((index + attempt) % len(self))
+                logger.warning("skipping bad sample (%d bad so far): %s", len(self.bad_samples), error)
+        raise BadSampleError(f"every sample of {rows_name(self.rows)} is bad ({len(self)} samples)")

@@ -1,5 +1,6 @@
 """Where a recipe's data comes from: a hub dataset, its local copy (`save_to_disk` folder), or a jsonl file."""
 
+import json
 import os
 
 from phi3v.data import load_records
@@ -18,24 +19,54 @@ def load_split(hub_id: str, config_name: str | None, split: str, dataset_path: s
     if dataset_path:
         if not os.path.isdir(dataset_path):
             raise FileNotFoundError(f"--dataset_path {dataset_path} does not exist")
-        data = datasets.load_from_disk(dataset_path)
+        folder = dataset_path
+        dict_file = os.path.join(dataset_path, "dataset_dict.json")
+        if os.path.isfile(dict_file):  # a DatasetDict copy: load only the split asked for
+            with open(dict_file) as f:
+                splits = json.load(f).get("splits", [])
+            if split not in splits:
+                raise ValueError(f"{dataset_path} has splits {splits}, not {split!r}")
+            folder = os.path.join(dataset_path, split)
+        # datasets cannot load a split saved with no rows (an IndexError deep inside): refuse it by name
+        if _saved_without_rows(folder):
+            raise ValueError(f"{dataset_path}: split {split!r} is empty")
+        data = datasets.load_from_disk(folder)
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise ValueError(f"{dataset_path} has splits {list(data)}, not {split!r}")
             data = data[split]
+        if len(data) == 0:
+            raise ValueError(f"{dataset_path}: split {split!r} is empty")
         return data
     try:
-        return datasets.load_dataset(hub_id, config_name, split=split)
+        data = datasets.load_dataset(hub_id, config_name, split=split)
     except Exception as error:  # offline or unknown: say how to work without the hub
         raise OSError(
             f"could not load {hub_id} ({config_name or 'default'}) from the Hugging Face hub: {error}. "
             "Without network, save a copy elsewhere with `datasets.load_dataset(...).save_to_disk(folder)` and "
             "pass --dataset_path folder."
         ) from error
+    if len(data) == 0:
+        raise ValueError(f"{hub_id} ({config_name or 'default'}): split {split!r} is empty")
+    return data
+
+
+def _saved_without_rows(folder) -> bool:
+    """Whether a save_to_disk Dataset folder holds no data files (what saving a split with no rows leaves)."""
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            return json.load(f).get("_data_files") == []
+    except (OSError, ValueError):
+        return False
 
 
 def take(rows, start: int = 0, stop: int | None = None):
-    """rows[start:stop] for a Dataset (select) or a list of records."""
+    """rows[start:stop] for a Dataset (select) or a list of records.
+
+    Starting at or past the end is an error (a recipe that trains on rows 500: of a split with 500 rows or fewer
+    would otherwise load the model and evaluate before finding it has nothing to train on)."""
+    if start > 0 and start >= len(rows):
+        raise ValueError(f"{rows_name(rows)} has {len(rows)} rows: none from row {start} on, nothing to take")
     stop = len(rows) if stop is None else min(stop, len(rows))
     if isinstance(rows, list):
         return rows[start:stop]
@@ -60,3 +91,15 @@ def cauldron_record(row, index: int, dataset: str, config: str) -> dict:
         messages.append({"role": "assistant", "content": text["assistant"]})
     return {"id": f"{config}-{index}", "source": f"{dataset}/{config}[{index}]", "images": row["images"],
             "video": None, "messages": messages}
+
+
+def rows_name(rows) -> str:
+    """What the rows are, for messages: "HuggingFaceM4/the_cauldron hateful_memes train" for a hub split, the
+    data file for records."""
+    info = getattr(rows, "info", None)
+    if info is not None:
+        parts = [info.dataset_name or info.builder_name, info.config_name, str(rows.split or "") or None]
+        return " ".join(p for p in parts if p and p != "default") or "the dataset"
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict) and isinstance(rows[0].get("source"), str):
+        return rows[0]["source"].rsplit(":", 1)[0].split("[")[0]  # "data/train.jsonl:3" -> "data/train.jsonl"
+    return "the dataset"

@@ -149,7 +149,8 @@ def test_pickled_adapter_loads_weights_only(own_adapter, tiny_checkpoint, tmp_pa
             return (os.system, ("echo pwned",))
 
     evil = shutil.copytree(plain, tmp_path / "evil")
-    torch.save({"base_model.model.lm_head.lora_A.weight": torch.zeros(1), "payload": Payload()}, evil / "adapter_model.bin")
+    payload = {"base_model.model.lm_head.lora_A.weight": torch.zeros(1), "payload": Payload()}
+    torch.save(payload, evil / "adapter_model.bin")
     with pytest.raises(ValueError) as error:
         load_adapter(Phi3VForCausalLM.from_pretrained(tiny_checkpoint), evil)
     assert re.fullmatch(
