@@ -95,38 +95,44 @@ class Phi3VImageProcessor:
         canvas.paste(resized, (0, int((padded_h - new_h) / 2)))  # the odd pixel of padding goes to the bottom
         if transposed:
             canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
-        pixels = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float().div_(255.0)
-        return (pixels - self._mean) / self._std
+        pixels = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)  # [3, H, W] view of the uint8 [H, W, 3]
+        # One uint8 -> float32 pass into a contiguous [3, H, W] tensor, then the same float32 operations as
+        # ((x / 255) - mean) / std, in place: bit-identical to the out-of-place form, without three temporaries.
+        hd = torch.empty(pixels.shape, dtype=torch.float32)
+        hd.copy_(pixels)
+        return hd.div_(255.0).sub_(self._mean).div_(self._std)
 
     def preprocess(self, images, num_crops: int | None = None, return_tensors: str | None = "pt") -> BatchFeature:
         """Images (a PIL image or a list of them) -> pixel_values, image_sizes and num_img_tokens."""
         num_crops = self.num_crops if num_crops is None else _check_num_crops(num_crops)
-        if isinstance(images, Image.Image):
-            images = [images]
-        size = self.crop_size
-        all_crops, image_sizes, num_tokens = [], [], []
+        images = [images] if isinstance(images, Image.Image) else list(images)
         for index, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise ValueError(
                     f"image {index + 1} is a {type(image).__name__}, not a PIL.Image.Image "
                     "(open files with PIL.Image.open or phi3v.data.open_image first)"
                 )
+        size = self.crop_size
+        # Every crop is written straight into the batch tensor (no per-image buffer, no stack); only the unused
+        # crop slots are zeroed.
+        pixel_values = torch.empty(len(images), num_crops + 1, 3, size, size)
+        image_sizes, num_tokens = [], []
+        for index, image in enumerate(images):
             if self.do_convert_rgb:
                 image = to_rgb(image)
             hd = self.hd_transform(image, num_crops)
             _, hd_h, hd_w = hd.shape
             rows, cols = hd_h // size, hd_w // size
-            global_view = F.interpolate(hd[None], size=(size, size), mode="bicubic", align_corners=False)
-            # Row-major tiles: [3, rows*336, cols*336] -> [rows*cols, 3, 336, 336]
-            tiles = hd.reshape(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(-1, 3, size, size)
-            crops = torch.zeros(num_crops + 1, 3, size, size)
-            crops[0] = global_view[0]
-            crops[1 : 1 + rows * cols] = tiles
-            all_crops.append(crops)
+            crops = pixel_values[index]
+            crops[0] = F.interpolate(hd[None], size=(size, size), mode="bicubic", align_corners=False)[0]
+            # Row-major tiles: [3, rows*336, cols*336] -> [rows*cols, 3, 336, 336], in one copy.
+            tiles = hd.view(3, rows, size, cols, size).permute(1, 3, 0, 2, 4)
+            crops[1 : 1 + rows * cols].view(rows, cols, 3, size, size).copy_(tiles)
+            crops[1 + rows * cols :].zero_()
             image_sizes.append([hd_h, hd_w])
             num_tokens.append(self.num_tokens_for_hd_size(hd_h, hd_w))
         data = {
-            "pixel_values": torch.stack(all_crops) if all_crops else torch.zeros(0, num_crops + 1, 3, size, size),
+            "pixel_values": pixel_values,
             "image_sizes": torch.tensor(image_sizes, dtype=torch.long).reshape(-1, 2),
             "num_img_tokens": num_tokens,
         }
