@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import re
 import shlex
 import subprocess
@@ -43,6 +42,9 @@ from transformers import TrainerCallback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
+
+from docvqa_pages import PAGE_SIZES, docvqa_records  # noqa: E402  (shared with bench_data.py)
+
 OFFICIAL = os.path.join(ROOT, "phi3v", "assets", "phi-3.5-vision-instruct")
 
 STRATEGIES = {"full": [], "frozen": ["--freeze_vision_model"], "lora": ["--use_lora"], "qlora": ["--use_qlora"]}
@@ -60,59 +62,7 @@ FLOP_FACTORS = {
 FLOP_FACTORS["qlora"] = FLOP_FACTORS["lora"]
 FLOP_FACTORS[BASELINE] = FLOP_FACTORS["full"]
 
-QUESTIONS = [
-    ("What is the date mentioned in this letter?", "March 14, 1998"),
-    ("Who is the sender of the memo?", "R. J. Reynolds"),
-    ("What is the total amount?", "$1,245.00"),
-    ("What is the title of the document?", "Annual Report"),
-    ("To whom is the letter addressed?", "Dr. Jane Smith"),
-    ("What is the page number?", "7"),
-]
-# (width, height): a smaller page (13 of the 17 crop slots used), then letter scans (all 17 used).
-PAGE_SIZES = [(1000, 1400)] + [(1700, 2200)] * 5
-
-
 # ------------------------------------------------------------------------------------------------ data
-def document_page(rng: random.Random, size):
-    """A white page with a header, lines of text and a table: a scanned document's structure at its size."""
-    from PIL import Image, ImageDraw
-
-    width, height = size
-    page = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(page)
-    margin, line_height = width // 12, max(14, height // 80)
-    draw.rectangle((margin, margin, width - margin, margin + 3 * line_height), fill=(30, 30, 30))
-    y = margin + 5 * line_height
-    words = ["invoice", "total", "report", "tobacco", "research", "committee", "budget", "1998", "page", "date"]
-    while y < height - margin - 10 * line_height:
-        x = margin
-        while x < width - margin - 80:
-            word = rng.choice(words)
-            draw.text((x, y), word, fill=(20, 20, 20))
-            x += 8 * len(word) + rng.randint(8, 20)
-        y += line_height
-    for row in range(6):  # a table at the bottom
-        top = height - margin - (6 - row) * line_height
-        draw.rectangle((margin, top, width - margin, top + line_height), outline=(0, 0, 0), width=2)
-    return page
-
-
-def docvqa_records(n: int, seed: int = 0) -> list[dict]:
-    """Records (phi3v.data format, images in memory) of one page, a question and its short answer each."""
-    rng = random.Random(seed)
-    records = []
-    for index in range(n):
-        question, answer = QUESTIONS[index % len(QUESTIONS)]
-        records.append({
-            "id": f"bench-docvqa-{index}",
-            "source": f"bench_train[{index}]",
-            "images": [document_page(rng, PAGE_SIZES[index % len(PAGE_SIZES)])],
-            "messages": [{"role": "user", "content": f"<|image_1|>\n{question}"},
-                         {"role": "assistant", "content": answer}],
-        })
-    return records
-
-
 def prepare(args) -> tuple[str, str, float]:
     """Write the checkpoint (once) and the tokenized samples; return their paths and the mean tokens a sample."""
     from phi3v.dataset import SFTDataset
@@ -175,10 +125,13 @@ class ModelFlops:
         self.crop_size = vision.image_size
         self.counts = {}
 
-    def add(self, attention_mask=None, image_sizes=None, labels=None) -> None:
+    def add(self, attention_mask=None, image_sizes=None, labels=None, lengths=None) -> None:
+        """lengths: the samples' real token counts (a packed row's, from its boundaries); else from attention_mask."""
         counts = {}
-        if attention_mask is not None:
+        if lengths is None and attention_mask is not None:
             lengths = attention_mask.sum(dim=1)
+        if lengths is not None:
+            lengths = lengths.long()
             counts.update(tokens=lengths.sum(), tokens_squared=(lengths**2).sum())
         if image_sizes is not None:
             rows, cols = image_sizes[:, 0] // self.crop_size, image_sizes[:, 1] // self.crop_size
@@ -245,10 +198,12 @@ class StepTimer(TrainerCallback):
     def _count(self, module, args, kwargs):
         if not (module.training and self.measuring):
             return
-        image_sizes, mask = kwargs.get("image_sizes"), kwargs.get("attention_mask")
+        image_sizes, mask, bounds = kwargs.get("image_sizes"), kwargs.get("attention_mask"), kwargs.get("cu_seq_lens_q")
         self.images += 0 if image_sizes is None else image_sizes.shape[0]
-        self.tokens += mask.sum()  # a device tensor: read once at the end
-        self.flops.add(mask, image_sizes, kwargs.get("labels"))
+        # Padded batches: the attention mask's tokens; packed rows (--packing) have no padding: their boundaries.
+        lengths = bounds.diff() if bounds is not None else mask.sum(dim=1)
+        self.tokens += lengths.sum()  # a device tensor: read once at the end
+        self.flops.add(image_sizes=image_sizes, labels=kwargs.get("labels"), lengths=lengths)
 
     def _first_loss(self, module, args, output):
         if module.training and self.first_loss is None and getattr(output, "loss", None) is not None:
@@ -369,7 +324,7 @@ def run(spec: dict) -> dict:
         run_clip_on_every_slot(embedding)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     train_dataset = torch.load(spec["samples"], weights_only=True)  # tensors, lists, dicts, str only: no pickled code
-    trainer = make_trainer(model, training_args, train_dataset, processor, callbacks=[timer])
+    trainer = make_trainer(model, training_args, train_dataset, processor, callbacks=[timer], packing=args.packing)
     if name == BASELINE:
         trainer.compute_loss_func = full_logits_loss(timer)  # read by Trainer.compute_loss at every step
     trainer.train()
