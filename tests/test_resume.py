@@ -31,6 +31,7 @@ COMMON_FLAGS = [
 ]
 STRATEGIES = {
     "full": [],
+    "frozen": ["--freeze_vision_model"],  # the frozen CLIP tower must stay frozen after resuming too
     "lora": ["--use_lora", "--lora_dropout", "0.1"],
 }
 
@@ -109,3 +110,18 @@ def test_resumed_final_weights_match(runs):
     assert straight.keys() == resumed.keys() and straight
     difference = max((straight[k].float() - resumed[k].float()).abs().max().item() for k in straight)
     assert difference <= TOLERANCE
+
+
+def test_frozen_vision_tower_stays_the_base_models_through_the_resume(runs, data):
+    import torch
+    from safetensors.torch import load_file
+
+    if runs["strategy"] != "frozen":
+        pytest.skip("only the frozen strategy keeps the CLIP tower fixed")
+    base = load_file(os.path.join(data["folder"], "model", "model.safetensors"))
+    resumed = load_file(os.path.join(runs["resumed"], "model.safetensors"))
+    tower = [k for k in base if ".img_processor." in k]
+    assert tower and all(torch.equal(base[k], resumed[k]) for k in tower)
+    # ...while what does train moved: the projector and the language model
+    for name in ("model.vision_embed_tokens.img_projection.0.weight", "model.layers.0.self_attn.qkv_proj.weight"):
+        assert not torch.equal(base[name], resumed[name]), name
