@@ -160,57 +160,67 @@ class _PrecomputedImages:
         return getattr(self._processor, name)
 
 
+STAGES = ("decode", "hd_transform", "tokenize", "collate")
+
+
 def measure_stages(dataset, collator, batch_size: int) -> dict:
-    """Mean milliseconds a sample of each stage of `dataset[i]` and of the collator, in this process on one thread
-    (as in a DataLoader worker), over every sample of the data set. Nothing is kept from one batch to the next (as
-    in a worker, which sends each batch away), so that memory is reused as it is there."""
+    """Per-sample milliseconds of each stage of `dataset[i]` and of the collator, in this process on one thread (as
+    in a DataLoader worker), over every sample of the data set: mean and median wall time, and mean CPU time of
+    this thread (what the stage costs on a core of its own, whatever else the machine runs). Nothing is kept from
+    one batch to the next (as in a worker, which sends each batch away), so that memory is reused as it is there."""
     from phi3v.collator import tokenize_conversation
     from phi3v.data import load_record_images
 
+    wall = {stage: [] for stage in (*STAGES, "dataset_item")}
+    cpu = {stage: [] for stage in wall}
+
+    def now():
+        return time.perf_counter(), time.thread_time()
+
+    def record(stage, start, samples=1):  # a batch's time is shared out among its samples
+        end = now()
+        wall[stage] += [(end[0] - start[0]) / samples] * samples
+        cpu[stage] += [(end[1] - start[1]) / samples] * samples
+        return end
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    times = {stage: [] for stage in ("decode", "hd_transform", "tokenize", "collate", "dataset_item")}
-    images_total, tokens_total, collate_total, pending = 0, 0, 0.0, []
+    images_total, tokens_total, pending = 0, 0, []
     processor = dataset.processor
     try:
         for index in range(len(dataset)):
-            record = dataset.record(index)
-            start = time.perf_counter()
-            images, messages = load_record_images(record, dataset.max_num_frames)
-            decoded = time.perf_counter()
+            record_ = dataset.record(index)
+            clock = now()
+            images, messages = load_record_images(record_, dataset.max_num_frames)
+            clock = record("decode", clock)
             features = processor.image_processor(images, num_crops=dataset.num_crops)
-            transformed = time.perf_counter()
+            clock = record("hd_transform", clock)
             tokenize_conversation(_PrecomputedImages(processor, features), messages, images, dataset.num_crops,
                                   dataset.max_length)
-            tokenized = time.perf_counter()
-            times["decode"].append(decoded - start)
-            times["hd_transform"].append(transformed - decoded)
-            times["tokenize"].append(tokenized - transformed)
+            record("tokenize", clock)
             images_total += len(images)
             del images, features
 
-            start = time.perf_counter()
+            clock = now()
             example = dataset[index]  # the whole item, for comparison with the sum of the stages
-            times["dataset_item"].append(time.perf_counter() - start)
+            record("dataset_item", clock)
             tokens_total += len(example["input_ids"])
             pending.append(example)
-            if len(pending) == batch_size or index == len(dataset) - 1:
-                start = time.perf_counter()
-                collator(pending)
-                seconds = time.perf_counter() - start
-                collate_total += seconds
-                times["collate"].append(seconds / len(pending))  # a sample's share of its batch
-                pending = []
             del example
+            if len(pending) == batch_size or index == len(dataset) - 1:
+                clock = now()
+                collator(pending)
+                record("collate", clock, len(pending))
+                pending = []
     finally:
         torch.set_num_threads(threads)
     per_sample = {}
-    for stage, seconds in times.items():
-        total = collate_total if stage == "collate" else sum(seconds)
-        per_sample[f"{stage}_ms"] = 1000 * total / len(dataset)
-        per_sample[f"{stage}_median_ms"] = 1000 * statistics.median(seconds)  # robust to other jobs' bursts
-    per_sample["sum_of_stages_ms"] = sum(per_sample[f"{stage}_ms"] for stage in
-                                         ("decode", "hd_transform", "tokenize", "collate"))
+    for stage in wall:
+        per_sample[f"{stage}_ms"] = 1000 * statistics.fmean(wall[stage])
+        per_sample[f"{stage}_median_ms"] = 1000 * statistics.median(wall[stage])  # robust to other jobs' bursts
+        per_sample[f"{stage}_cpu_ms"] = 1000 * statistics.fmean(cpu[stage])
+    for kind in ("", "_median", "_cpu"):
+        per_sample[f"sum_of_stages{kind}_ms"] = sum(per_sample[f"{stage}{kind}_ms"] for stage in STAGES)
     per_sample.update(samples=len(dataset), images=images_total, batch_size=batch_size, threads=1,
                       mean_tokens_per_sample=tokens_total / len(dataset))
     return per_sample
@@ -271,12 +281,12 @@ def format_table(report: dict) -> str:
                      f"{mark}")
     stages = report["stages"]
     lines.append("")
-    lines.append("stage (ms a sample, 1 thread)  " + "  ".join(
-        f"{name} {stages[name + '_ms']:.1f}" for name in ("decode", "hd_transform", "tokenize", "collate")))
-    lines.append("                       median  " + "  ".join(
-        f"{name} {stages[name + '_median_ms']:.1f}" for name in ("decode", "hd_transform", "tokenize", "collate")))
-    lines.append(f"sum of stages {stages['sum_of_stages_ms']:.1f} ms; dataset[i] {stages['dataset_item_ms']:.1f} ms "
-                 f"-> {1000 / stages['sum_of_stages_ms']:.1f} samples/s a core")
+    lines.append(f"{'ms a sample, 1 thread':<22}" + "".join(f"{name:>14}" for name in (*STAGES, "sum")))
+    for kind, label in (("", "wall, mean"), ("_median", "wall, median"), ("_cpu", "CPU time, mean")):
+        values = [stages[f"{name}{kind}_ms"] for name in STAGES] + [stages[f"sum_of_stages{kind}_ms"]]
+        lines.append(f"{label:<22}" + "".join(f"{value:>14.1f}" for value in values))
+    lines.append(f"dataset[i] {stages['dataset_item_ms']:.1f} ms (wall, mean); one worker on a core of its own: "
+                 f"~{1000 / stages['sum_of_stages_cpu_ms']:.1f} samples/s (from the CPU time)")
     return "\n".join(lines)
 
 
