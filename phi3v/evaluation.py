@@ -10,7 +10,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from phi3v.collator import generation_prompt
-from phi3v.data import load_record_images
+from phi3v.data import BadSampleError, load_record_images
 from phi3v.processing import STOP_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def generate_answers(
     """Greedy answers for every record of an SFTDataset: [{"id", "prediction", "answer"}] in dataset order.
 
     Each rank answers every world_size-th record (left-padded batches); the results are gathered on all ranks.
+    With the dataset's skip_bad_samples, a record that cannot be read is logged and left out of the answers.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world_size))
@@ -59,9 +60,18 @@ def generate_answers(
         prompts, image_lists, records = [], [], []
         for position in range(start, min(start + batch_size, len(padded))):
             index = padded[position] if position < len(indices) else None  # None: a repeat, answer dropped
-            record = dataset.record(padded[position])
-            images, messages = load_record_images(record, dataset.max_num_frames)
-            prompt, answer = generation_prompt(processor, messages)
+            try:
+                record = dataset.record(padded[position])
+                images, messages = load_record_images(record, dataset.max_num_frames)
+                prompt, answer = generation_prompt(processor, messages)
+            except BadSampleError as error:
+                if not dataset.skip_bad_samples:
+                    raise
+                if index is not None:
+                    logger.warning("%s: skipping bad sample: %s", description, error)
+                # The batch keeps its size (ranks stay in step): a text-only stand-in whose answer is dropped.
+                index, record, images, answer = None, {"id": None}, [], None
+                prompt = processor.apply_chat_template([{"role": "user", "content": "-"}], add_generation_prompt=True)
             prompts.append(prompt)
             image_lists.append(images)
             records.append((index, record["id"], answer, record.get("answers")))
@@ -113,10 +123,16 @@ def evaluate(model, processor, dataset, score, args, training_args, name: str) -
     score(predictions) -> (metric name, value) or (metric name, value, {other metric: value})."""
     predictions = generate_answers(model, processor, dataset, args.eval_batch_size, args.max_new_tokens,
                                    progress=not args.no_tqdm, description=name)
+    skipped = len(dataset) - len(predictions)  # bad samples left out (--skip_bad_samples), each logged by name
+    if len(dataset) and not predictions:
+        raise BadSampleError(f"{name}: every one of the {len(dataset)} evaluation samples is bad")
     metric_name, metric, *other = score(predictions)
     other = other[0] if other else {}
+    if skipped:
+        other = {**other, "skipped_bad_samples": skipped}
     report = write_report(os.path.join(training_args.output_dir, f"{name}.json"), metric_name, metric, predictions,
                           other)
-    extra = "".join(f", {key} = {value:.4f}" for key, value in other.items())
+    extra = "".join(f", {key} = {value:.4f}" if isinstance(value, float) else f", {key} = {value}"
+                    for key, value in other.items())
     logger.warning("%s: %s = %.4f%s on %d samples", name, metric_name, metric, extra, len(predictions))
     return report

@@ -5,7 +5,7 @@ Where each entry is tested (CATALOGUE below; test_the_catalogue_names_existing_t
 
 | entry | tests |
 |---|---|
-| missing image file | test_data: test_missing_image_file, test_missing_image_file_project_format, test_open_image_missing; test_training: test_dataset_skips_bad_samples |
+| missing image file | test_data: test_missing_image_file, test_missing_image_file_project_format, test_open_image_missing; test_training: test_dataset_skips_bad_samples; here (in evaluation): test_bad_evaluation_sample_names_itself_or_is_skipped_and_counted |
 | truncated / corrupt image | test_data: test_open_image_truncated_jpeg, test_open_image_not_an_image; here: test_hub_image_that_does_not_decode_names_the_row_or_is_skipped, test_in_memory_truncated_image_and_bomb |
 | 1x1 image, decompression bomb | test_data: test_open_image_too_small, test_open_image_decompression_bomb; here: test_in_memory_truncated_image_and_bomb |
 | CMYK / palette / alpha | test_data: test_open_image_modes_to_rgb, test_open_image_transparent_palette (converted, alpha on white) |
@@ -304,3 +304,32 @@ def test_no_unsafe_deserialisation_in_the_project():
         if found:
             offenders[os.path.relpath(path, ROOT)] = found
     assert offenders == {}
+
+
+def test_bad_evaluation_sample_names_itself_or_is_skipped_and_counted(tiny_checkpoint, processor, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from phi3v.evaluation import evaluate, generate_answers
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    records = [{"id": str(i), "source": f"eval.jsonl:{i + 1}", "images": [str(tmp_path / name)], "video": None,
+                "messages": [{"role": "user", "content": "<|image_1|>\nColour?"},
+                             {"role": "assistant", "content": "red"}]}
+               for i, name in enumerate(["red.png", "gone.png", "red.png"])]
+    model = Phi3VForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    strict = SFTDataset(records, processor=processor, num_crops=1)
+    with pytest.raises(BadSampleError, match=r"eval.jsonl:2: image file not found: .*gone.png"):
+        generate_answers(model, processor, strict, batch_size=2, max_new_tokens=2, progress=False)
+
+    lenient = SFTDataset(records, processor=processor, num_crops=1, skip_bad_samples=True)
+    args = SimpleNamespace(eval_batch_size=2, max_new_tokens=2, no_tqdm=True)
+    with caplog.at_level(logging.WARNING):
+        report = evaluate(model, processor, lenient, lambda p: ("accuracy", 0.5), args,
+                          SimpleNamespace(output_dir=str(tmp_path)), "eval_before")
+    assert [p["id"] for p in report["predictions"]] == ["0", "2"]  # the rest answered, in order
+    assert report["skipped_bad_samples"] == 1 and report["num_samples"] == 2
+    assert "eval_before: skipping bad sample: eval.jsonl:2: image file not found" in caplog.text
+    # The stand-in that kept the batch's size changed nothing: sample 0's answer is the one it gets alone.
+    alone = generate_answers(model, processor, SFTDataset(records[:1], processor=processor, num_crops=1),
+                             batch_size=1, max_new_tokens=2, progress=False)
+    assert report["predictions"][0]["prediction"] == alone[0]["prediction"]
