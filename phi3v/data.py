@@ -36,6 +36,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from phi3v.image_processing import to_rgb
 from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE, check_text, image_tag_block
 
 logger = logging.getLogger(__name__)
@@ -315,22 +316,6 @@ def load_records(path, image_folder=None, skip_bad_samples=False):
 # images and video frames
 
 
-def _to_rgb(img):
-    """Any PIL mode -> RGB; transparent pixels are composited onto white, not black."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
-        # 16-bit grey: scale to 8 bits instead of letting convert() clip everything above 255
-        img = img.convert("I").point(lambda v: v / 256).convert("L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def open_image(path_or_pil, source):
     """Open an image fully (so truncation shows up now) and return it as an upright RGB image.
 
@@ -371,7 +356,7 @@ def open_image(path_or_pil, source):
     width, height = img.size
     if width < 2 or height < 2:
         raise BadSampleError(f"{source}: image is {width}x{height} pixels (need at least 2x2): {name}")
-    return _to_rgb(img)
+    return to_rgb(img)
 
 
 def load_record_images(record, max_num_frames=10):

@@ -20,10 +20,15 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of a PIL image; transparency is composited onto white (spec 3, step 1)."""
+    """RGB version of a PIL image in any mode; transparency is composited onto white (spec 3, step 1)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("I;16", "I;16L", "I;16B", "I"):
+        # 16-bit grey: scale to 8 bits instead of letting convert() clip everything above 255
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    if image.mode == "La":  # premultiplied alpha: PIL converts it only to LA
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

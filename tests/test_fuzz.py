@@ -41,7 +41,7 @@ WHITESPACE = [" ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000", "\u200b
 CODEPOINTS = [(0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),
               (0x900, 0x97F), (0x3040, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xE0FF),
               (0x1F300, 0x1FAFF), (0x10000, 0x100FF)]  # no surrogates: those are an invalid case of their own
-MODES = ["RGB"] * 6 + ["L", "RGBA", "LA", "P", "PA", "CMYK", "I", "F", "1", "I;16", "YCbCr", "RGBX"]
+MODES = ["RGB"] * 6 + ["L", "RGBA", "LA", "P", "PA", "CMYK", "I", "F", "1", "I;16", "YCbCr", "RGBX", "La", "RGBa"]
 
 
 @pytest.fixture(scope="module")

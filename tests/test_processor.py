@@ -212,3 +212,19 @@ def test_save_and_reload_round_trip(tmp_path):
 
     # The saved tokenizer_config keeps AutoTokenizer on the same ids (LlamaTokenizer would change them).
     assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+
+
+def test_every_image_mode_is_accepted_and_alpha_goes_onto_white(processor):
+    """Premultiplied-alpha modes (La, RGBa), which PIL converts only to their plain-alpha twins, and 16-bit grey
+    reach the same pixels as their plain equivalents."""
+    from phi3v.image_processing import to_rgb
+
+    same = [(Image.new("La", (40, 30), (100, 128)), Image.new("LA", (40, 30), (199, 128))),
+            (Image.new("RGBa", (40, 30), (50, 50, 50, 128)), Image.new("RGBA", (40, 30), (100, 100, 100, 128))),
+            (Image.new("I;16", (40, 30), 51400), Image.new("L", (40, 30), 200))]
+    for image, twin in same:
+        assert to_rgb(image).getpixel((0, 0)) == to_rgb(twin).getpixel((0, 0)), image.mode
+        a = processor.image_processor([image], num_crops=1)["pixel_values"]
+        b = processor.image_processor([twin], num_crops=1)["pixel_values"]
+        assert torch.equal(a, b), image.mode
+    assert to_rgb(Image.new("La", (4, 4), (100, 128))).getpixel((0, 0)) == (227, 227, 227)  # 199 half over white
