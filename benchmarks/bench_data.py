@@ -12,9 +12,10 @@ Measured:
   samples/s, images/s   over one pass of the whole data set, from creating the iterator (worker start-up
                         included, as at every epoch) to the last batch
   steady samples/s      after the first round (one batch per worker) has arrived: the workers' production rate
-  stage ms / sample     in this process, one thread (as in a DataLoader worker): decode (`load_record_images`),
-                        HD transform (the image processor), tokenize (`tokenize_conversation` with the image
-                        features already computed), collate (`Phi3VDataCollator`), and the whole `dataset[i]`
+  stage ms / sample     after the loaders, in this process on one thread with a worker's memory settings:
+                        decode (`load_record_images`), HD transform (the image processor), tokenize
+                        (`tokenize_conversation` with the image features already computed), collate
+                        (`Phi3VDataCollator`), and the whole `dataset[i]`; mean and median wall time, mean CPU time
 
 The GPU consumes ~5-6.5 samples/s (bench_train.py's targets for one H100, num_crops 16); the data path must deliver
 `--factor` (3) times `--gpu_rate` (6.5) with the default workers so that it is never the bottleneck.
@@ -165,7 +166,8 @@ STAGES = ("decode", "hd_transform", "tokenize", "collate")
 
 def measure_stages(dataset, collator, batch_size: int) -> dict:
     """Per-sample milliseconds of each stage of `dataset[i]` and of the collator, in this process on one thread (as
-    in a DataLoader worker), over every sample of the data set: mean and median wall time, and mean CPU time of
+    in a DataLoader worker; call phi3v.image_processing.reuse_freed_memory first for a worker's memory settings),
+    over every sample of the data set: mean and median wall time, and mean CPU time of
     this thread (what the stage costs on a core of its own, whatever else the machine runs). Nothing is kept from
     one batch to the next (as in a worker, which sends each batch away), so that memory is reused as it is there."""
     from phi3v.collator import tokenize_conversation
@@ -318,6 +320,7 @@ def main(argv=None):
     from phi3v.collator import Phi3VDataCollator
     from phi3v.data import load_records
     from phi3v.dataset import SFTDataset
+    from phi3v.image_processing import reuse_freed_memory
     from phi3v.processing import packaged_processor
 
     recipe_argv = ["--output_dir", os.path.join(args.data_dir, "run")]
@@ -338,14 +341,17 @@ def main(argv=None):
                          max_length=recipe.max_seq_length)
     collator = Phi3VDataCollator(processor.pad_token_id)
 
-    stages = measure_stages(dataset, collator, batch_size)
-    mean_tokens = stages["mean_tokens_per_sample"]
     rows = []
     for workers in worker_counts(args.workers, default_workers, args.small):
         loader = make_loader(dataset, collator, training_args, batch_size, workers, args.seed)
         print(f"{workers} worker(s) ...", flush=True)
         rows.append(measure_loader(loader, workers))
         del loader
+    # After the loaders: the stages are timed as in a worker, whose memory settings the image processor changes
+    # (phi3v.image_processing.reuse_freed_memory); the 0-worker run above had this process's own.
+    reuse_freed_memory()
+    stages = measure_stages(dataset, collator, batch_size)
+    mean_tokens = stages["mean_tokens_per_sample"]
 
     default_row = next((row for row in rows if row["workers"] == default_workers), None)
     required = args.factor * args.gpu_rate

@@ -1,6 +1,7 @@
 """The image processor's fast path (crops written straight into one preallocated batch tensor, in-place
 normalisation) against the step-by-step torchvision reference of test_processor.py, on DocVQA page sizes."""
 
+import platform
 import random
 
 import pytest
@@ -51,3 +52,24 @@ def test_several_images_in_one_call_equal_each_alone():
         rows, cols = (size // 336 for size in alone["image_sizes"][0].tolist())
         assert together["pixel_values"][index, 1 + rows * cols :].count_nonzero() == 0  # unused slots: zeros
     assert together["num_img_tokens"] == [processor(image)["num_img_tokens"][0] for image in images]
+
+
+class _ProcessOnePage(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import phi3v.image_processing as image_processing
+
+        Phi3VImageProcessor(num_crops=4)(page((500, 400), index))
+        return torch.tensor(image_processing._memory_reuse is True)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings only")
+def test_dataloader_workers_keep_freed_memory_and_the_main_process_is_untouched():
+    import phi3v.image_processing as image_processing
+
+    before = image_processing._memory_reuse
+    loader = torch.utils.data.DataLoader(_ProcessOnePage(), batch_size=1, num_workers=1)
+    assert [bool(flag) for flag in loader] == [True, True]  # the worker applied it at its first image
+    assert image_processing._memory_reuse is before  # this process: not applied by the workers' calls
