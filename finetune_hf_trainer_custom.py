@@ -247,7 +247,7 @@ def run(argv=None):
 
     # Train
     trainer = make_trainer(model, training_args, train_dataset, processor, optimizers=(optimizer, None),
-                           skip_nonfinite=args.skip_nonfinite_steps)
+                           skip_nonfinite=args.skip_nonfinite_steps, packing=args.packing)
     add_learning_rate_logging(trainer)
     if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
         return

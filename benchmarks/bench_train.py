@@ -469,7 +469,8 @@ def parse_cli(argv=None):
     parser.add_argument("--in_process", action=argparse.BooleanOptionalAction, default=None,
                         help="run the strategies in this process instead of one fresh process each "
                              "(default: only with --small, where process start-up would dominate)")
-    parser.add_argument("--extra_args", default="", help="more recipe flags for every run, e.g. '--use_flash_attention'")
+    parser.add_argument("--extra_args", default="",
+                        help="more recipe flags for every run, after '=': --extra_args='--packing --use_flash_attention'")
     parser.add_argument("--work_dir", default=None, help="checkpoint and samples (default /tmp/phi3v-bench-train[-small])")
     parser.add_argument("--output", default=None, help="JSON results (default benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)

@@ -71,7 +71,7 @@ def main():
 
     # Train
     trainer = make_trainer(model, training_args, train_dataset, processor,
-                           skip_nonfinite=args.skip_nonfinite_steps)
+                           skip_nonfinite=args.skip_nonfinite_steps, packing=args.packing)
     if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
         return
     save_outputs(trainer, processor, args)

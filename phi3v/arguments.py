@@ -46,6 +46,11 @@ class RecipeArguments:
     merge_lora: bool = field(default=False, metadata={"help": "also save a merged full model (LoRA runs)"})
     max_seq_length: int | None = field(default=None, metadata={"help": "refuse (or skip) longer samples"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip bad samples instead of stopping"})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "padding-free micro-batches: samples concatenated in one row, attention kept within each "
+                          "sample (same loss); fastest with --use_flash_attention, see the README"},
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "generation batch size per GPU for evaluation"})
     max_new_tokens: int = field(default=64, metadata={"help": "answer length limit for evaluation"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training samples"})

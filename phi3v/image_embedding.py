@@ -7,6 +7,8 @@ the learned separator `glb_GN` and the global view (also with newlines); an MLP 
 language model's hidden size.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import CLIPVisionModel
@@ -50,11 +52,16 @@ class Phi3VImageEmbedding(nn.Module):
         return self.img_processor["vision_model"]
 
     def clip_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """[N, 3, 336, 336] -> patch features [N, 576, D] of the chosen CLIP layer (CLS dropped)."""
+        """[N, 3, 336, 336] -> patch features [N, 576, D] of the chosen CLIP layer (CLS dropped).
+
+        A frozen tower (no parameter that trains, inputs that need no gradient) runs under no_grad: the same
+        features, without autograd's bookkeeping or activation checkpointing's wrapper around every layer."""
         clip = self.vision_model
-        hidden = clip.pre_layrnorm(clip.embeddings(crops))
-        for layer in clip.encoder.layers[: self.layers_used]:
-            hidden = layer(hidden, None)
+        frozen = not crops.requires_grad and not any(p.requires_grad for p in clip.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            hidden = clip.pre_layrnorm(clip.embeddings(crops))
+            for layer in clip.encoder.layers[: self.layers_used]:
+                hidden = layer(hidden, None)
         return hidden[:, 1:]
 
     def merge_2x2(self, features: torch.Tensor) -> torch.Tensor:
@@ -69,15 +76,23 @@ class Phi3VImageEmbedding(nn.Module):
         newline = self.sub_GN[0].expand(rows, 1, -1).to(grid.dtype)
         return torch.cat([grid, newline], dim=1).reshape(-1, grid.shape[-1])
 
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """All images' tokens, concatenated in image order: [total image tokens, hidden_size]."""
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, grids=None) -> torch.Tensor:
+        """All images' tokens, concatenated in image order: [total image tokens, hidden_size].
+
+        grids: each image's crops as (rows, cols) = image_sizes // crop size, as Python ints (the training
+        collator passes them): reading them from image_sizes on a GPU would make the host wait for it."""
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be [images, crops, 3, H, W], got shape {tuple(pixel_values.shape)}")
         if image_sizes.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"image_sizes has {image_sizes.shape[0]} rows for {pixel_values.shape[0]} images in pixel_values"
             )
-        grids = [(h // self.crop_size, w // self.crop_size) for h, w in image_sizes.tolist()]
+        if grids is None:
+            grids = [(h // self.crop_size, w // self.crop_size) for h, w in image_sizes.tolist()]
+        else:
+            grids = [(int(rows), int(cols)) for rows, cols in grids]
+            if len(grids) != pixel_values.shape[0]:
+                raise ValueError(f"{len(grids)} image grids for {pixel_values.shape[0]} images in pixel_values")
         for index, (rows, cols) in enumerate(grids):
             if rows * cols + 1 > pixel_values.shape[1]:
                 raise ValueError(

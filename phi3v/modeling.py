@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    causal_mask_function,
+    packed_sequence_compatibility_function,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
+from transformers.utils.generic import is_flash_attention_requested
 
 from phi3v.configuration import Phi3VConfig
 from phi3v.image_embedding import Phi3VImageEmbedding
@@ -43,25 +49,66 @@ class Phi3VModel(Phi3Model):
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.embed_dropout = nn.Dropout(config.embd_pdrop)  # Phi3Model ignores embd_pdrop; the reference applies it
 
-    def embed(self, input_ids, pixel_values=None, image_sizes=None) -> torch.Tensor:
-        """Token embeddings with the image features written, in order, over the negative (image) ids."""
+    def embed(
+        self, input_ids, pixel_values=None, image_sizes=None, image_grids=None, image_positions=None
+    ) -> torch.Tensor:
+        """Token embeddings with the image features written, in order, over the negative (image) ids.
+
+        image_grids (crops per image as [rows, cols], Python ints) and image_positions (the flat indices of the
+        image slots in input_ids, in order) are what the training collator adds: with them nothing here waits for
+        the GPU (no `.tolist()` of image_sizes, no count of the slots, no boolean-mask scatter whose backward needs
+        `nonzero`). Without them the same result is computed from input_ids and image_sizes.
+        """
         if pixel_values is not None and image_sizes is None:
             raise ValueError("pixel_values were given without image_sizes: pass both (the processor returns both)")
-        image_slots = input_ids < 0
         embeds = self.embed_tokens(input_ids.clamp(min=0))  # never mutate the caller's ids (spec 9.9)
         if pixel_values is None:
-            if image_slots.any():
+            if image_positions is not None:
+                has_slots = image_positions.numel() > 0
+            else:
+                has_slots = bool((input_ids < 0).any())
+            if has_slots:
                 raise ValueError("input_ids contain image slots (negative ids) but no pixel_values were given")
             return self.embed_dropout(embeds)
-        features = self.vision_embed_tokens(pixel_values, image_sizes)
-        num_slots = int(image_slots.sum())
+        features = self.vision_embed_tokens(pixel_values, image_sizes, grids=image_grids)
+        if image_positions is not None:
+            num_slots = image_positions.numel()
+        else:
+            image_slots = input_ids < 0
+            num_slots = int(image_slots.sum())
         if num_slots != features.shape[0]:
             raise ValueError(
                 f"input_ids have {num_slots} image slots but the images give {features.shape[0]} image tokens: "
                 "were input_ids made by the processor with the same images and num_crops?"
             )
-        embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), features.to(embeds.dtype))
+        features = features.to(embeds.dtype)
+        if image_positions is not None:
+            embeds = embeds.flatten(0, 1).index_copy(0, image_positions, features).view_as(embeds)
+        else:
+            embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), features)
         return self.embed_dropout(embeds)
+
+    def packed_attention_mask(self, inputs_embeds, position_ids):
+        """The attention mask of padding-free rows (samples one after another, position ids restarting at 0):
+        causal within each sample, nothing across samples. Built here from the position ids alone, as transformers'
+        packed-sequence path builds it, but without that path's check of the ids on the host (a GPU sync)."""
+        implementation = self.config._attn_implementation
+        if implementation not in ("sdpa", "eager", "flex_attention"):
+            return None  # transformers finds the samples from position_ids itself
+        batch, length = inputs_embeds.shape[:2]
+        position_ids = position_ids.expand(batch, -1)
+        sample_index = (position_ids == 0).cumsum(-1)  # 1, 1, 1, 2, 2, 3, ...: which sample each token belongs to
+        mask_function = packed_sequence_compatibility_function(causal_mask_function, position_ids, sample_index)
+        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+            batch_size=batch,
+            q_length=length,
+            kv_length=length,
+            mask_function=mask_function,
+            allow_is_causal_skip=False,
+            dtype=inputs_embeds.dtype,
+            device=inputs_embeds.device,
+            config=self.config,
+        )
 
 
 class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
@@ -104,16 +151,44 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        image_grids: list | None = None,
+        image_positions: torch.LongTensor | None = None,
+        loss_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Loss and logits. With `labels`, only the supervised positions go through `lm_head` and `logits` is
-        None: the [tokens x 32064] logits of a whole multimodal sequence are never built for training."""
+        None: the [tokens x 32064] logits of a whole multimodal sequence are never built for training.
+
+        The training collator (phi3v.collator.Phi3VDataCollator) also passes what it knows on the host, so that the
+        step never waits for the GPU: `image_grids` and `image_positions` (see `Phi3VModel.embed`) and
+        `loss_positions`, the flat indices b * length + t of the positions whose next label is supervised. Packed
+        (padding-free) rows come with `position_ids` restarting at 0 for each sample, no attention_mask, and
+        transformers' varlen arguments `cu_seq_lens_q/k` (sample boundaries) and `max_length_q/k` (the longest
+        sample, an int): flash attention uses them directly, SDPA / eager / flex get a block-diagonal causal mask.
+        """
+        packed = kwargs.get("cu_seq_lens_q") is not None
+        if packed:
+            max_length = kwargs.get("max_length_q")
+            if attention_mask is not None or position_ids is None or not isinstance(max_length, int):
+                raise ValueError(
+                    "packed rows (cu_seq_lens_q) take position_ids restarting at 0 for each sample, no attention_mask, "
+                    "and max_length_q as an int"
+                )
+            if not is_flash_attention_requested(self.config):  # the varlen arguments are for flash attention only
+                for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+                    kwargs.pop(key, None)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
+            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes, image_grids, image_positions)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         total_length = past_length + inputs_embeds.shape[1]
+        if packed:
+            if past_length:
+                raise ValueError("packed rows cannot continue a cache")
+            total_length = max_length  # the limit is per sample
+            if not is_flash_attention_requested(self.config):
+                attention_mask = self.model.packed_attention_mask(inputs_embeds, position_ids)
         if total_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"the sequence is {total_length} tokens long, more than the model's limit of "
@@ -130,7 +205,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state
         loss = logits = None
         if labels is not None:
-            loss = self.supervised_loss(hidden, labels, num_items_in_batch)
+            loss = self.supervised_loss(hidden, labels, num_items_in_batch, loss_positions)
         else:
             if isinstance(logits_to_keep, int):
                 hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
@@ -145,14 +220,24 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def supervised_loss(self, hidden, labels, num_items_in_batch=None) -> torch.Tensor:
-        """Shifted cross-entropy over labels != -100, computing logits (in fp32) only where a label is."""
-        shift_labels = labels[:, 1:]
-        keep = shift_labels != -100
-        logits = self.lm_head(hidden[:, :-1][keep]).float()
-        loss = F.cross_entropy(logits, shift_labels[keep], reduction="sum")
+    def supervised_loss(self, hidden, labels, num_items_in_batch=None, positions=None) -> torch.Tensor:
+        """Shifted cross-entropy over labels != -100, computing logits (in fp32) only where a label is.
+
+        `positions` (flat indices into [batch x length] of the positions whose next label is supervised, in order)
+        gives the same rows without a boolean mask, whose data-dependent size the host would have to wait for."""
+        if positions is not None:
+            logits = self.lm_head(hidden.flatten(0, 1).index_select(0, positions)).float()
+            targets = labels.flatten().index_select(0, positions + 1)
+            count = torch.full((), max(positions.numel(), 1), device=labels.device)  # a fill, not a host copy
+        else:
+            shift_labels = labels[:, 1:]
+            keep = shift_labels != -100
+            logits = self.lm_head(hidden[:, :-1][keep]).float()
+            targets = shift_labels[keep]
+            count = keep.sum().clamp(min=1)
+        loss = F.cross_entropy(logits, targets, reduction="sum")
         if num_items_in_batch is None:  # plain mean over supervised tokens
-            return loss / keep.sum().clamp(min=1)
+            return loss / count
         # Gradient accumulation: the Trainer counts the tokens of all micro-batches of the step.
         return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
 

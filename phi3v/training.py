@@ -93,10 +93,11 @@ class Phi3VTrainer(Trainer):
 
 
 def make_trainer(
-    model, training_args, train_dataset, processor, callbacks=None, optimizers=(None, None), skip_nonfinite=False
+    model, training_args, train_dataset, processor, callbacks=None, optimizers=(None, None), skip_nonfinite=False,
+    packing=False,
 ) -> Trainer:
-    """The Trainer of every recipe: padding collator, SIGTERM -> checkpoint and clean stop, NaN/inf gradients
-    stop the run (or skip the step), throughput and memory in the logs."""
+    """The Trainer of every recipe: padding collator (padding-free rows with `packing`), SIGTERM -> checkpoint and
+    clean stop, NaN/inf gradients stop the run (or skip the step), throughput and memory in the logs."""
     if len(train_dataset) == 0:
         raise ValueError("the training split is empty")
     callbacks = [SigtermCallback(), NonFiniteCallback(skip=skip_nonfinite)] + list(callbacks or [])
@@ -104,7 +105,7 @@ def make_trainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        data_collator=Phi3VDataCollator(processor.pad_token_id),
+        data_collator=Phi3VDataCollator(processor.pad_token_id, packing=packing),
         processing_class=processor,
         callbacks=callbacks,
         optimizers=optimizers,  # (optimizer, scheduler); None: the Trainer's own
