@@ -240,3 +240,12 @@ def test_zero3_resume_continues_the_same_losses(zero3_runs):
     for step in (2, 3):  # trained by the resumed run, from the DeepSpeed checkpoint of step 1
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
     assert not os.path.exists(os.path.join(zero3_runs["resumed"], "eval_before.json"))
+
+
+@pytest.mark.parametrize("cores, local_processes, workers", [(128, 8, 4), (16, 1, 4), (16, 8, 2), (2, 1, 2), (4, 8, 1)])
+def test_default_dataloader_workers_per_process(monkeypatch, cores, local_processes, workers):
+    from phi3v.arguments import default_dataloader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
+    assert default_dataloader_workers() == workers
