@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -45,6 +44,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 from docvqa_pages import PAGE_SIZES, docvqa_records  # noqa: E402  (the same pages as bench_train.py)
+from report_file import write_report  # noqa: E402
 
 EXTENSIONS = {"png": "PNG", "jpeg": "JPEG"}
 
@@ -385,16 +385,7 @@ def main(argv=None):
         verdict = "meets" if report["meets_target"] else "does NOT meet"
         print(f"default workers ({default_workers}): {default_row['samples_per_second']:.2f} samples/s {verdict} "
               f"{args.factor:g} x {args.gpu_rate:g} = {required:.1f} samples/s")
-    output = args.output or os.path.join(
-        HERE, "results",
-        f"data-{re.sub(r'[^a-z0-9]+', '-', report['device'].lower()).strip('-')}{'-small' if args.small else ''}"
-        f"-{report['date']}.json",
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"wrote {output}")
+    write_report(report, args.output, prefix="data-", small=args.small)
     return report
 
 

@@ -11,7 +11,6 @@ built an fp32 copy, or held two copies at once, would peak near 2x the bf16 size
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys

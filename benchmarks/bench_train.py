@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -44,6 +43,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 from docvqa_pages import PAGE_SIZES, docvqa_records  # noqa: E402  (shared with bench_data.py)
+from report_file import write_report  # noqa: E402
 
 OFFICIAL = os.path.join(ROOT, "phi3v", "assets", "phi-3.5-vision-instruct")
 
@@ -518,15 +518,7 @@ def main(argv=None):
         "results": rows,
         "table": table,
     }
-    output = args.output or os.path.join(
-        HERE, "results",
-        f"{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}{'-small' if args.small else ''}-{report['date']}.json",
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"wrote {output}")
+    write_report(report, args.output, small=args.small)
     if any("error" in row for row in rows):
         raise SystemExit(1)
 

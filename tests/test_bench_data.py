@@ -42,10 +42,10 @@ def test_device_versions_command_and_settings(bench):
 
 
 def test_default_and_no_workers_measured_with_matching_counts(bench):
-    from phi3v.arguments import TRAINING_DEFAULTS
+    from phi3v.arguments import default_dataloader_workers
 
     report, _, _ = bench
-    default = TRAINING_DEFAULTS["dataloader_num_workers"]
+    default = default_dataloader_workers()
     assert report["default_workers"] == default
     assert [row["workers"] for row in report["loader"]] == sorted({0, default})
     for row in report["loader"]:
