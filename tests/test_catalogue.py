@@ -17,7 +17,7 @@ Where each entry is tested (CATALOGUE below; test_the_catalogue_names_existing_t
 | model folder: no weights / mismatched config | test_model: test_model_folder_without_weights_or_with_a_mismatched_config; test_predict: test_folder_without_weights_errors_clearly |
 | LoRA adapter of another base model | test_adapters |
 | untrusted files: safetensors or weights_only | test_adapters: test_pickled_adapter_loads_weights_only; here: test_no_unsafe_deserialisation_in_the_project |
-| nothing already written is lost | here: test_bad_sample_mid_run_keeps_the_checkpoints_and_resumes_with_skip; test_reliability: test_check_output_dir, test_resume_auto_after_sigkill_even_during_a_save; test_adapters: test_predict_and_merge_lora_refuse_in_one_line_and_write_nothing |
+| nothing already written is lost | here: test_bad_sample_mid_run_keeps_the_checkpoints_and_resumes_with_skip; test_reliability: test_check_output_dir, test_resume_auto_after_sigkill_at_a_random_step_and_during_a_save; test_adapters: test_predict_and_merge_lora_refuse_in_one_line_and_write_nothing |
 """
 
 import ast
@@ -59,7 +59,7 @@ CATALOGUE = {
                          "test_adapter_for_layers_the_base_lacks_is_refused",
                          "test_predict_and_merge_lora_refuse_in_one_line_and_write_nothing",
                          "test_pickled_adapter_loads_weights_only"],
-    "test_reliability.py": ["test_check_output_dir", "test_resume_auto_after_sigkill_even_during_a_save"],
+    "test_reliability.py": ["test_check_output_dir", "test_resume_auto_after_sigkill_at_a_random_step_and_during_a_save"],
     "test_fuzz.py": ["test_processor_refuses_invalid_inputs_with_documented_messages",
                      "test_collator_and_dataset_refuse_invalid_conversations_with_documented_messages"],
 }

@@ -1,5 +1,5 @@
-"""A run that dies costs minutes, not the run: complete checkpoints, resume after SIGKILL (also during a save),
-a clean stop on SIGTERM, and non-finite gradients caught before they reach the weights.
+"""A run that dies costs minutes, not the run: complete checkpoints, resume after SIGKILL (at a random step, and in
+the middle of a save), a clean stop on SIGTERM, and non-finite gradients caught before they reach the weights.
 
 The end-to-end tests run the real hateful-memes recipe as a subprocess on a tiny model. The recipe's wiring of
 phi3v.checkpoints (resume auto, the callbacks, exiting after SIGTERM) is applied by a small wrapper, WRAPPER below,
@@ -8,6 +8,7 @@ the way the recipe does it.
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -56,6 +57,23 @@ class Pause(TrainerCallback):
             deadline = time.time() + 120
             while not sigterm.received and time.time() < deadline:
                 time.sleep(0.05)
+
+
+# A kill in the middle of a save: stop right after checkpoint-<PAUSE_IN_SAVE>'s weights are written (the Trainer then
+# writes the optimizer, scheduler, RNG state and, last, trainer_state.json).
+from phi3v import Phi3VForCausalLM
+
+save_pretrained = Phi3VForCausalLM.save_pretrained
+
+
+def save_pretrained_then_pause(self, save_directory, *positional, **options):
+    save_pretrained(self, save_directory, *positional, **options)
+    if os.path.basename(str(save_directory)) == "checkpoint-" + os.environ.get("PAUSE_IN_SAVE", "none"):
+        open(os.environ["PAUSE_MARKER"], "w").close()
+        time.sleep(120)
+
+
+Phi3VForCausalLM.save_pretrained = save_pretrained_then_pause
 parse_args, make_trainer, save_outputs = recipe.parse_args, recipe.make_trainer, recipe.save_outputs
 
 
@@ -259,7 +277,7 @@ def setup(tmp_path_factory):
     return {"root": root, "model": model, "data": data, "wrapper": str(wrapper)}
 
 
-def start(setup, output_dir, *extra, pause_after_step=None):
+def start(setup, output_dir, *extra, pause_after_step=None, pause_in_save=None):
     command = [
         sys.executable, setup["wrapper"], "--model_name_or_path", setup["model"], "--dataset_path", setup["data"],
         "--output_dir", str(output_dir), "--max_steps", str(MAX_STEPS), "--save_strategy", "steps",
@@ -269,8 +287,11 @@ def start(setup, output_dir, *extra, pause_after_step=None):
         "--report_to", "none", "--no-tqdm", "--deepspeed", "none", "--logging_steps", "1", *extra,
     ]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(PAUSE_MARKER=f"{output_dir}.paused")
     if pause_after_step is not None:
-        env.update(PAUSE_AFTER_STEP=str(pause_after_step), PAUSE_MARKER=f"{output_dir}.paused")
+        env.update(PAUSE_AFTER_STEP=str(pause_after_step))
+    if pause_in_save is not None:
+        env.update(PAUSE_IN_SAVE=str(pause_in_save))
     log = open(f"{output_dir}.log", "w")  # a file, not a pipe: nobody has to read it while the run goes on
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -309,30 +330,41 @@ def reference(setup):
     return step_logs(output_dir)
 
 
-def test_resume_auto_after_sigkill_even_during_a_save(setup, reference):
-    output_dir = setup["root"] / "killed"
-    process = start(setup, output_dir, pause_after_step=4)
-    wait_for(lambda: os.path.exists(f"{output_dir}.paused"), process, output_dir, "step 4")
-    process.send_signal(signal.SIGKILL)  # in step 5, after checkpoint-4
+def kill_when_paused(process, output_dir, what):
+    marker = f"{output_dir}.paused"
+    wait_for(lambda: os.path.exists(marker), process, output_dir, what)
+    process.send_signal(signal.SIGKILL)
     process.wait()
-    step, resumed_from = 4, os.path.join(output_dir, "checkpoint-4")
-    assert latest_complete_checkpoint(output_dir) == resumed_from
+    os.remove(marker)
 
-    # A kill during the next save: a newer checkpoint folder without its trainer_state.json.
-    half_saved = os.path.join(output_dir, "checkpoint-6")
-    shutil.copytree(resumed_from, half_saved)
-    os.remove(os.path.join(half_saved, "trainer_state.json"))
+
+def test_resume_auto_after_sigkill_at_a_random_step_and_during_a_save(setup, reference):
+    output_dir = setup["root"] / "killed"
+    kill_step = random.randint(2, MAX_STEPS - 1)  # a different step every run; any must resume the same
+    print(f"\nSIGKILL after step {kill_step}")
+    kept = os.path.join(output_dir, f"checkpoint-{kill_step - kill_step % 2}")  # --save_steps 2
+    kill_when_paused(start(setup, output_dir, pause_after_step=kill_step), output_dir, f"step {kill_step}")
+    assert latest_complete_checkpoint(output_dir) == kept
+
+    # Resumed, then killed again while writing the next checkpoint: its weights are on disk, the rest is not.
+    next_save = kill_step - kill_step % 2 + 2
+    half_saved = os.path.join(output_dir, f"checkpoint-{next_save}")
+    process = start(setup, output_dir, "--resume_from_checkpoint", "auto", pause_in_save=next_save)
+    kill_when_paused(process, output_dir, f"the save of {half_saved}")
+    assert os.path.isfile(os.path.join(half_saved, "model.safetensors"))
+    assert not os.path.exists(os.path.join(half_saved, "trainer_state.json"))
+    assert latest_complete_checkpoint(output_dir) == kept
 
     returncode, log = finish(start(setup, output_dir, "--resume_from_checkpoint", "auto"), output_dir)
     assert returncode == 0, log[-4000:]
     assert f"removing incomplete checkpoint {half_saved}" in log
-    assert f"resuming from {resumed_from}" in log
+    assert f"resuming from {kept}" in log
 
     resumed = step_logs(output_dir)
     assert sorted(resumed) == list(range(1, MAX_STEPS + 1))
-    for k in range(step + 1, MAX_STEPS + 1):
-        assert resumed[k]["loss"] == pytest.approx(reference[k]["loss"], abs=1e-6), k
-        assert resumed[k]["grad_norm"] == pytest.approx(reference[k]["grad_norm"], abs=1e-6), k
+    for k in range(kill_step - kill_step % 2 + 1, MAX_STEPS + 1):
+        assert resumed[k]["loss"] == pytest.approx(reference[k]["loss"], abs=1e-6), (kill_step, k)
+        assert resumed[k]["grad_norm"] == pytest.approx(reference[k]["grad_norm"], abs=1e-6), (kill_step, k)
     assert os.path.isfile(os.path.join(output_dir, "eval_after.json"))
 
 
