@@ -55,31 +55,15 @@ def generate_answers(
     was_training = model.training
     model.eval()
     results = []
-    batches = range(0, len(padded), batch_size)
-    for start in tqdm(batches, desc=description, disable=not progress or rank != 0):
-        prompts, image_lists, records = [], [], []
-        for position in range(start, min(start + batch_size, len(padded))):
-            index = padded[position] if position < len(indices) else None  # None: a repeat, answer dropped
-            try:
-                record = dataset.record(padded[position])
-                images, messages = load_record_images(record, dataset.max_num_frames)
-                prompt, answer = generation_prompt(processor, messages)
-            except BadSampleError as error:
-                if not dataset.skip_bad_samples:
-                    raise
-                if index is not None:
-                    logger.warning("%s: skipping bad sample: %s", description, error)
-                # The batch keeps its size (ranks stay in step): a text-only stand-in whose answer is dropped.
-                index, record, images, answer = None, {"id": None}, [], None
-                prompt = processor.apply_chat_template([{"role": "user", "content": "-"}], add_generation_prompt=True)
-            prompts.append(prompt)
-            image_lists.append(images)
-            records.append((index, record["id"], answer, record.get("answers")))
-        inputs = processor(prompts, image_lists, num_crops=num_crops or dataset.num_crops, padding_side="left")
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        with full_weights(model):
+    with full_weights(model):  # under ZeRO-3: gathered once for the whole evaluation
+        for start in tqdm(range(0, len(padded), batch_size), desc=description, disable=not progress or rank != 0):
+            positions = range(start, min(start + batch_size, len(padded)))
+            batch = [_prompt_for(dataset, processor, padded[p], p < len(indices), description) for p in positions]
+            inputs = processor([b["prompt"] for b in batch], [b["images"] for b in batch],
+                               num_crops=num_crops or dataset.num_crops, padding_side="left")
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             generated = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -87,14 +71,10 @@ def generate_answers(
                 eos_token_id=STOP_TOKEN_IDS,
                 pad_token_id=processor.pad_token_id,
             )
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        for (index, record_id, answer, answers), ids in zip(records, new_tokens):
-            if index is None:
-                continue
-            item = {"index": index, "id": record_id, "prediction": processor.decode(ids).strip(), "answer": answer}
-            if answers is not None:  # several gold answers (DocVQA)
-                item["answers"] = list(answers)
-            results.append(item)
+            for b, ids in zip(batch, generated[:, inputs["input_ids"].shape[1] :]):
+                if b["item"] is not None:
+                    b["item"]["prediction"] = processor.decode(ids).strip()
+                    results.append(b["item"])
     if was_training:
         model.train()
     if world_size > 1:
@@ -103,6 +83,27 @@ def generate_answers(
         results = [item for part in gathered for item in part]
     results.sort(key=lambda item: item["index"])
     return [{k: v for k, v in item.items() if k != "index"} for item in results]
+
+
+def _prompt_for(dataset, processor, index, real: bool, description: str) -> dict:
+    """One record's generation prompt and images, and the result item its answer goes into (None: the answer is
+    dropped). A repeated record (real False) keeps a rank's batch count equal to the others'; with the dataset's
+    skip_bad_samples a bad record is logged and replaced by a text-only stand-in, so the batch keeps its size."""
+    try:
+        record = dataset.record(index)
+        images, messages = load_record_images(record, dataset.max_num_frames)
+        prompt, answer = generation_prompt(processor, messages)
+    except BadSampleError as error:
+        if not dataset.skip_bad_samples:
+            raise
+        if real:
+            logger.warning("%s: skipping bad sample: %s", description, error)
+        prompt = processor.apply_chat_template([{"role": "user", "content": "-"}], add_generation_prompt=True)
+        return {"prompt": prompt, "images": [], "item": None}
+    item = {"index": index, "id": record["id"], "prediction": None, "answer": answer}
+    if record.get("answers") is not None:  # several gold answers (DocVQA)
+        item["answers"] = list(record["answers"])
+    return {"prompt": prompt, "images": images, "item": item if real else None}
 
 
 def write_report(path: str, metric_name: str, metric: float, predictions: list[dict], extra: dict | None = None) -> dict:
