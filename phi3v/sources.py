@@ -17,38 +17,37 @@ def load_split(hub_id: str, config_name: str | None, split: str, dataset_path: s
     import datasets
 
     if dataset_path:
-        if not os.path.isdir(dataset_path):
-            raise FileNotFoundError(f"--dataset_path {dataset_path} does not exist")
-        folder = dataset_path
-        dict_file = os.path.join(dataset_path, "dataset_dict.json")
-        if os.path.isfile(dict_file):  # a DatasetDict copy: load only the split asked for
-            with open(dict_file) as f:
-                splits = json.load(f).get("splits", [])
-            if split not in splits:
-                raise ValueError(f"{dataset_path} has splits {splits}, not {split!r}")
-            folder = os.path.join(dataset_path, split)
-        # datasets cannot load a split saved with no rows (an IndexError deep inside): refuse it by name
-        if _saved_without_rows(folder):
-            raise ValueError(f"{dataset_path}: split {split!r} is empty")
-        data = datasets.load_from_disk(folder)
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise ValueError(f"{dataset_path} has splits {list(data)}, not {split!r}")
-            data = data[split]
-        if len(data) == 0:
-            raise ValueError(f"{dataset_path}: split {split!r} is empty")
-        return data
-    try:
-        data = datasets.load_dataset(hub_id, config_name, split=split)
-    except Exception as error:  # offline or unknown: say how to work without the hub
-        raise OSError(
-            f"could not load {hub_id} ({config_name or 'default'}) from the Hugging Face hub: {error}. "
-            "Without network, save a copy elsewhere with `datasets.load_dataset(...).save_to_disk(folder)` and "
-            "pass --dataset_path folder."
-        ) from error
-    if len(data) == 0:
-        raise ValueError(f"{hub_id} ({config_name or 'default'}): split {split!r} is empty")
+        name, data = dataset_path, _load_saved_split(dataset_path, split)
+    else:
+        name = f"{hub_id} ({config_name or 'default'})"
+        try:
+            data = datasets.load_dataset(hub_id, config_name, split=split)
+        except Exception as error:  # offline or unknown: say how to work without the hub
+            raise OSError(
+                f"could not load {name} from the Hugging Face hub: {error}. Without network, save a copy elsewhere "
+                "with `datasets.load_dataset(...).save_to_disk(folder)` and pass --dataset_path folder."
+            ) from error
+    if data is None or len(data) == 0:
+        raise ValueError(f"{name}: split {split!r} is empty")
     return data
+
+
+def _load_saved_split(dataset_path, split):
+    """One split of a save_to_disk folder (a Dataset, or a DatasetDict holding `split`); None if it has no rows."""
+    import datasets
+
+    if not os.path.isdir(dataset_path):
+        raise FileNotFoundError(f"--dataset_path {dataset_path} does not exist")
+    folder = dataset_path
+    dict_file = os.path.join(dataset_path, "dataset_dict.json")
+    if os.path.isfile(dict_file):  # a DatasetDict copy: load only the split asked for
+        with open(dict_file) as f:
+            splits = json.load(f).get("splits", [])
+        if split not in splits:
+            raise ValueError(f"{dataset_path} has splits {splits}, not {split!r}")
+        folder = os.path.join(dataset_path, split)
+    # datasets cannot load a split saved with no rows (an IndexError deep inside)
+    return None if _saved_without_rows(folder) else datasets.load_from_disk(folder)
 
 
 def _saved_without_rows(folder) -> bool:
