@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from phi3v.processing import IMAGE_TAG, Phi3VProcessor, pad_sequences
+from phi3v.processing import IMAGE_TAG, Phi3VProcessor, as_id_list, pad_sequences
 
 IGNORE_INDEX = -100
 # Every answer ends the assistant turn and the text, as in the official recipe (spec 4.4).
@@ -92,8 +92,8 @@ class Phi3VDataCollator:
     packing: bool = False
 
     def __call__(self, examples: list[dict]) -> dict:
-        ids = [_as_list(e["input_ids"]) for e in examples]
-        labels = [_as_list(e["labels"]) for e in examples]
+        ids = [as_id_list(e["input_ids"]) for e in examples]
+        labels = [as_id_list(e["labels"]) for e in examples]
         if self.packing:
             lengths = [len(seq) for seq in ids]
             starts = [0, *itertools.accumulate(lengths)][:-1]
@@ -130,7 +130,3 @@ class Phi3VDataCollator:
             crop = batch["pixel_values"].shape[-1]
             batch["image_grids"] = [[h // crop, w // crop] for h, w in batch["image_sizes"].tolist()]
         return batch
-
-
-def _as_list(ids) -> list[int]:
-    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

@@ -145,7 +145,7 @@ class Phi3VProcessor:
     def decode(self, ids, **kwargs) -> str:
         kwargs.setdefault("skip_special_tokens", True)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
-        ids = [i for i in _as_list(ids) if i >= 0]  # image slots are not tokens
+        ids = [i for i in as_id_list(ids) if i >= 0]  # image slots are not tokens
         return self.tokenizer.decode(ids, **kwargs)
 
     def batch_decode(self, batch, **kwargs) -> list[str]:
@@ -270,10 +270,14 @@ def _write_json(path, data) -> None:
         f.write("\n")
 
 
-def _as_list(ids) -> list[int]:
+def as_id_list(ids) -> list[int]:
+    """Token ids (a tensor, a list or any sequence) as a list of ints."""
     if isinstance(ids, torch.Tensor):
         return ids.tolist()
     return list(ids)
 
 
-__all__ = ["Phi3VProcessor", "check_image_tags", "check_text", "pad_sequences", "load_tokenizer", "packaged_processor"]
+__all__ = [
+    "Phi3VProcessor", "as_id_list", "check_image_tags", "check_text", "pad_sequences", "load_tokenizer",
+    "packaged_processor",
+]
