@@ -29,7 +29,7 @@ from phi3v.data import IMAGE_TAG_RE, load_records, open_image
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import generate_answers
 from phi3v.metrics import accuracy, mean_anls
-from phi3v.model_setup import attention_implementation, load_adapter
+from phi3v.model_setup import attention_implementation, load_adapter, recorded_base_model
 from phi3v.processing import STOP_TOKEN_IDS, image_tag_block
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -81,8 +81,7 @@ def describe_model_folder(path, base_model=None) -> tuple[str, str]:
         return "full", path  # a hub id
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         if base_model is None:
-            with open(os.path.join(path, "adapter_config.json")) as f:
-                base_model = json.load(f).get("base_model_name_or_path")
+            base_model = recorded_base_model(path)
         if not base_model:
             raise ValueError(f"{path}: the adapter does not name its base model; pass --base_model")
         if base_model.startswith((".", "/")) and not os.path.isdir(base_model):

@@ -257,11 +257,7 @@ def load_adapter(base_model, adapter_dir, **kwargs):
     from peft import PeftModel
 
     adapter_dir = os.fspath(adapter_dir)
-    config_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (is it the output folder of a LoRA run?)")
-    with open(config_path) as f:
-        recorded = json.load(f).get("base_model_name_or_path")
+    recorded = recorded_base_model(adapter_dir)
     check_adapter_fits(base_model, adapter_dir)
     used = getattr(_base(base_model), "name_or_path", "")
     if recorded and used and not _same_model(recorded, used):
@@ -270,6 +266,15 @@ def load_adapter(base_model, adapter_dir, **kwargs):
             adapter_dir, recorded, used,
         )
     return PeftModel.from_pretrained(base_model, adapter_dir, **kwargs)
+
+
+def recorded_base_model(adapter_dir) -> str | None:
+    """The base model an adapter folder names in its adapter_config.json (None if it names none)."""
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (is it the output folder of a LoRA run?)")
+    with open(config_path) as f:
+        return json.load(f).get("base_model_name_or_path")
 
 
 def _same_model(a: str, b: str) -> bool:

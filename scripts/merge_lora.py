@@ -8,7 +8,6 @@ when the run saved one there (it holds the run's num_crops), else from the base.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -17,20 +16,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the phi3v package
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor  # noqa: E402
-from phi3v.model_setup import load_adapter  # noqa: E402
+from phi3v.model_setup import load_adapter, recorded_base_model  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def base_model_of(adapter_dir: str) -> str:
     """The base model named in the adapter's adapter_config.json."""
-    config_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        sys.exit(f"error: {adapter_dir} has no adapter_config.json (is it the output folder of a LoRA run?)")
-    with open(config_path) as f:
-        base = json.load(f).get("base_model_name_or_path")
+    try:
+        base = recorded_base_model(adapter_dir)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
     if not base:
-        sys.exit(f"error: {config_path} does not name its base model; pass --base_model")
+        sys.exit(f"error: {os.path.join(adapter_dir, 'adapter_config.json')} does not name its base model; "
+                 "pass --base_model")
     return base
 
 
