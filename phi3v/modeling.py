@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
-from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
-    causal_mask_function,
-    packed_sequence_compatibility_function,
-)
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
-from transformers.utils.generic import is_flash_attention_requested
 
+from phi3v.compat import (
+    Phi3Model,
+    Phi3PreTrainedModel,
+    create_causal_mask,
+    is_flash_attention_requested,
+    keep_used_weight_conversions,
+)
 from phi3v.configuration import Phi3VConfig
 from phi3v.image_embedding import Phi3VImageEmbedding
 
@@ -90,24 +90,20 @@ class Phi3VModel(Phi3Model):
 
     def packed_attention_mask(self, inputs_embeds, position_ids):
         """The attention mask of padding-free rows (samples one after another, position ids restarting at 0):
-        causal within each sample, nothing across samples. Built here from the position ids alone, as transformers'
-        packed-sequence path builds it, but without that path's check of the ids on the host (a GPU sync)."""
-        implementation = self.config._attn_implementation
-        if implementation not in ("sdpa", "eager", "flex_attention"):
-            return None  # transformers finds the samples from position_ids itself
-        batch, length = inputs_embeds.shape[:2]
-        position_ids = position_ids.expand(batch, -1)
-        sample_index = (position_ids == 0).cumsum(-1)  # 1, 1, 1, 2, 2, 3, ...: which sample each token belongs to
-        mask_function = packed_sequence_compatibility_function(causal_mask_function, position_ids, sample_index)
-        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-            batch_size=batch,
-            q_length=length,
-            kv_length=length,
-            mask_function=mask_function,
-            allow_is_causal_skip=False,
-            dtype=inputs_embeds.dtype,
-            device=inputs_embeds.device,
-            config=self.config,
+        causal within each sample, nothing across samples. Built here from the position ids alone, without
+        transformers' own packed-sequence detection, which checks the ids on the host (a GPU sync)."""
+        if self.config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
+            return None  # flash attention takes the sample boundaries as cu_seq_lens instead of a mask
+        batch = inputs_embeds.shape[0]
+        # 1, 1, 1, 2, 2, 3, ...: which sample each token belongs to
+        sample_index = (position_ids.expand(batch, -1) == 0).cumsum(-1)
+
+        def same_sample(batch_idx, head_idx, q_idx, kv_idx):
+            return sample_index[batch_idx, q_idx] == sample_index[batch_idx, kv_idx]
+
+        # Causal over the row AND within one sample: samples are contiguous, so this is causal within each sample.
+        return create_causal_mask(
+            self.config, inputs_embeds, attention_mask=None, cache=None, and_mask_function=same_sample
         )
 
 
@@ -131,11 +127,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
                 f"in the checkpoint (e.g. {', '.join(missing[:3])}): does config.json belong to these weights?"
             )
         model.model.vision_embed_tokens.freeze_unused_layers()  # loading makes fresh (trainable) parameters
-        # transformers' ZeRO-3 loader keeps every candidate key conversion, used or not (its plain loader keeps only
-        # the used ones), and save_pretrained would then "restore" CLIP's legacy `vision_model.` prefix on saving.
-        conversions = getattr(model, "_weight_conversions", None)
-        if conversions:
-            model._weight_conversions = [c for c in conversions if c.was_used()]
+        keep_used_weight_conversions(model)  # else saving after ZeRO-3 loading writes CLIP's keys wrongly
         return (model, info) if output_loading_info else model
 
     def forward(
@@ -143,7 +135,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
@@ -181,7 +173,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes, image_grids, image_positions)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         total_length = past_length + inputs_embeds.shape[1]
         if packed:
             if past_length:
@@ -198,7 +190,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
@@ -215,7 +207,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -244,30 +236,33 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        past_key_values=None,
+        cache=None,
         attention_mask=None,
         inputs_embeds=None,
         pixel_values=None,
         image_sizes=None,
+        next_sequence_length=None,
         **kwargs,
     ):
         # LongRoPE: keys cached under the short factors are wrong once the sequence passes
         # original_max_position_embeddings; drop the cache once there and re-run the whole prefix (spec 6).
         limit = self.config.original_max_position_embeddings
-        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cached = cache.get_seq_length() if cache is not None else 0
         if input_ids.shape[1] > limit and 0 < cached <= limit:
-            past_key_values = None
-            kwargs["next_sequence_length"] = None
+            cache = None
+            next_sequence_length = None
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
-        # Image features are only needed while the prompt's image slots are in the input: the prefill step
-        # (and a re-prefill after the reset above). generate keeps the prompt's negative ids in input_ids.
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-        model_inputs["pixel_values"] = pixel_values if prefill else None
-        model_inputs["image_sizes"] = image_sizes if prefill else None
+        # Image features are needed when this step runs the whole sequence, image slots included: the prefill, a
+        # step without a cache, and a re-prefill after the reset above. Every other step runs only the trailing
+        # next_sequence_length (new) tokens. generate keeps the prompt's negative ids in input_ids.
+        whole_sequence = next_sequence_length is None or next_sequence_length >= input_ids.shape[1]
+        model_inputs["pixel_values"] = pixel_values if whole_sequence else None
+        model_inputs["image_sizes"] = image_sizes if whole_sequence else None
         return model_inputs
