@@ -1,7 +1,7 @@
 """Checkpoints a run can trust, resuming with `--resume_from_checkpoint auto`, SIGTERM and non-finite gradients.
 
-When is a checkpoint complete? transformers' `Trainer._save_checkpoint` (5.23) writes, in this order: the model
-(`save_model`), the optimizer and scheduler, the grad scaler, the RNG state, then `trainer_state.json`, and only
+When is a checkpoint complete? transformers' `Trainer._save_checkpoint` (5.24; tests/test_compat.py checks the order)
+writes the model (`save_model`), the optimizer and scheduler, the grad scaler, the RNG state, then `trainer_state.json`, and only
 after that rotates old checkpoints (`rotate_checkpoints`, save_total_limit). So a checkpoint folder whose
 `trainer_state.json` exists and parses holds everything, and a run killed during a save leaves a folder without it
 (or with a truncated one: the file is not written atomically). Rotation runs after the new checkpoint is complete,
