@@ -1,13 +1,13 @@
 """Checkpoints a run can trust, resuming with `--resume_from_checkpoint auto`, SIGTERM and non-finite gradients.
 
-When is a checkpoint complete? transformers' `Trainer._save_checkpoint` (5.24; tests/test_compat.py checks the order)
-writes the model (`save_model`), the optimizer and scheduler, the grad scaler, the RNG state, then `trainer_state.json`, and only
-after that rotates old checkpoints (`rotate_checkpoints`, save_total_limit). So a checkpoint folder whose
-`trainer_state.json` exists and parses holds everything, and a run killed during a save leaves a folder without it
-(or with a truncated one: the file is not written atomically). Rotation runs after the new checkpoint is complete,
-so it never removes the last complete one (a kill during rotation can only leave a half-deleted *older* folder,
-which `auto` never picks). Rotation counts every `checkpoint-*` folder though, so incomplete leftovers of an
-earlier crash are removed before a run starts (`remove_incomplete_checkpoints`).
+When is a checkpoint complete? transformers' `Trainer._save_checkpoint` (5.24; tests/test_compat.py checks the
+order) writes the model (`save_model`), the optimizer and scheduler, the grad scaler, the RNG state, then
+`trainer_state.json`, and only after that rotates old checkpoints (`rotate_checkpoints`, save_total_limit). So a
+checkpoint folder whose `trainer_state.json` exists and parses holds everything, and a run killed during a save
+leaves a folder without it (or with a truncated one: the file is not written atomically). Rotation runs after the
+new checkpoint is complete, so it never removes the last complete one (a kill during rotation can only leave a half-
+deleted *older* folder, which `auto` never picks). Rotation counts every `checkpoint-*` folder though, so incomplete
+leftovers of an earlier crash are removed before a run starts (`remove_incomplete_checkpoints`).
 """
 
 import json
