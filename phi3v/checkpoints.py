@@ -5,9 +5,9 @@ order) writes the model (`save_model`), the optimizer and scheduler, the grad sc
 `trainer_state.json`, and only after that rotates old checkpoints (`rotate_checkpoints`, save_total_limit). So a
 checkpoint folder whose `trainer_state.json` exists and parses holds everything, and a run killed during a save
 leaves a folder without it (or with a truncated one: the file is not written atomically). Rotation runs after the
-new checkpoint is complete, so it never removes the last complete one (a kill during rotation can only leave a half-
-deleted *older* folder, which `auto` never picks). Rotation counts every `checkpoint-*` folder though, so incomplete
-leftovers of an earlier crash are removed before a run starts (`remove_incomplete_checkpoints`).
+new checkpoint is complete, so it never removes the last complete one (a kill during rotation can only leave a
+half-deleted *older* folder, which `auto` never picks). Rotation counts every `checkpoint-*` folder though, so
+incomplete leftovers of an earlier crash are removed before a run starts (`remove_incomplete_checkpoints`).
 """
 
 import json
