@@ -21,20 +21,22 @@ import json
 import os
 import sys
 
-import torch
-from transformers import TextStreamer
-
-from phi3v import Phi3VForCausalLM, Phi3VProcessor
-from phi3v.data import IMAGE_TAG_RE, load_records, open_image
+from phi3v.data import load_records, open_image
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import generate_answers
+# Loading, prompt building and generation: one path shared with serve.py (the chat page).
+from phi3v.inference import (  # noqa: F401  (describe_model_folder, user_message: predict.X for callers)
+    DTYPES,
+    GenerationSettings,
+    answer,
+    conversation,
+    describe_model_folder,
+    load_for_inference,
+    pick_device_and_dtype,
+    text_streamer,
+    user_message,
+)
 from phi3v.metrics import accuracy, mean_anls
-from phi3v.model_setup import attention_implementation, load_adapter, recorded_base_model
-from phi3v.processing import STOP_TOKEN_IDS, image_tag_block
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 
 
 def parse_args(argv=None):
@@ -72,60 +74,7 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------------------------------ the model
-def describe_model_folder(path, base_model=None) -> tuple[str, str]:
-    """("full" or "adapter", where the weights or the base model come from) for a model folder or hub id."""
-    if not os.path.isdir(path):
-        if os.path.exists(path) or path.startswith((".", "/")):
-            raise FileNotFoundError(f"{path}: no such model folder")
-        return "full", path  # a hub id
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        if base_model is None:
-            base_model = recorded_base_model(path)
-        if not base_model:
-            raise ValueError(f"{path}: the adapter does not name its base model; pass --base_model")
-        if base_model.startswith((".", "/")) and not os.path.isdir(base_model):
-            raise FileNotFoundError(
-                f"{path}: the adapter's base model {base_model} is not a folder here; pass --base_model"
-            )
-        return "adapter", base_model
-    has_weights = any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES)
-    if os.path.isfile(os.path.join(path, "config.json")) and has_weights:
-        return "full", path
-    missing = "model weights (model.safetensors)" if os.path.isfile(os.path.join(path, "config.json")) else (
-        "config.json with model weights (model.safetensors)"
-    )
-    checkpoints = sorted(n for n in os.listdir(path) if n.startswith("checkpoint-"))
-    hint = f"; it holds checkpoints, e.g. {os.path.join(path, checkpoints[-1])}" if checkpoints else ""
-    raise FileNotFoundError(
-        f"{path} is neither a model nor a LoRA adapter folder: it has no {missing} and no adapter_config.json{hint}"
-    )
-
-
-def load_for_inference(path, base_model=None, dtype=torch.float32, device="cpu", use_flash_attention=False):
-    """(model in eval mode on `device`, processor) from any folder `describe_model_folder` accepts."""
-    kind, source = describe_model_folder(path, base_model)
-    model = Phi3VForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=attention_implementation(use_flash_attention)
-    )
-    if kind == "adapter":
-        # Checked against the base first (another base's adapter: a ValueError naming the tensor); folding LoRA
-        # into the weights makes generation as fast as with a full model.
-        model = load_adapter(model, path).merge_and_unload()
-    # A run's output folder carries the processor it trained with; an adapter folder may not.
-    has_processor = os.path.isdir(path) and os.path.isfile(os.path.join(path, "preprocessor_config.json"))
-    processor = Phi3VProcessor.from_pretrained(path if has_processor else source)
-    return model.to(device).eval(), processor
-
-
 # ------------------------------------------------------------------------------------------------ one prompt
-def user_message(prompt, num_images) -> str:
-    """The prompt with one <|image_k|> tag line per image in front, unless it already has its tags."""
-    if IMAGE_TAG_RE.search(prompt):
-        return prompt  # the processor checks the tags match the images
-    return image_tag_block(range(1, num_images + 1)) + prompt
-
-
 def read_images(args) -> list:
     """The --image files, or --num_frames evenly spaced frames of the --video, as RGB images."""
     if args.video:
@@ -135,25 +84,11 @@ def read_images(args) -> list:
     return [open_image(path, "--image") for path in args.image]
 
 
-@torch.no_grad()
 def stream_answer(model, processor, images, args) -> str:
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": user_message(args.prompt, len(images))})
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(prompt, images or None, num_crops=args.num_crops)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generated = model.generate(
-        **inputs,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=False,
-        eos_token_id=STOP_TOKEN_IDS,
-        pad_token_id=processor.pad_token_id,
-        streamer=streamer,
-    )
-    return processor.decode(generated[0, inputs["input_ids"].shape[1] :]).strip()
+    """The greedy answer to --prompt about `images`, streamed to stdout as it is generated."""
+    messages = conversation([(args.prompt, len(images), None)], args.system)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_crops=args.num_crops)
+    return answer(model, processor, messages, images, settings, text_streamer(processor))
 
 
 # ------------------------------------------------------------------------------------------------ a data file
@@ -195,8 +130,7 @@ def predict_file(model, processor, records, args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device, dtype = pick_device_and_dtype(args.device, args.dtype)
     try:  # bad inputs and model folders fail here, before any generation, with a one-line error
         inputs = load_records(args.jsonl, args.image_folder) if args.jsonl else read_images(args)
         model, processor = load_for_inference(args.model, args.base_model, dtype, device, args.use_flash_attention)
@@ -204,7 +138,10 @@ def main(argv=None):
         sys.exit(f"predict.py: {error}")
     if args.jsonl:
         return predict_file(model, processor, inputs, args)
-    return stream_answer(model, processor, inputs, args)
+    try:
+        return stream_answer(model, processor, inputs, args)
+    except ValueError as error:  # image tags that do not match the images, a prompt over the model's limit
+        sys.exit(f"predict.py: {error}")
 
 
 if __name__ == "__main__":
