@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
+from phi3v.errors import InputError, exit_on_input_error
 from phi3v.checkpoints import prepare_resume
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import evaluate
@@ -83,6 +84,10 @@ def main():
     resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
 
     # Data
+    if task_args.full_train and args.dataset_path:
+        raise InputError(f"--full_train trains on the hub's {FULL_DATASET} {FULL_CONFIG}, but --dataset_path replaces "
+                         "the hub data with your copy: give one (for a local copy of the full set, save it with "
+                         "save_to_disk and pass only --dataset_path)")
     train_source = (FULL_DATASET, FULL_CONFIG) if task_args.full_train else (DATASET, None)
     train_rows = take(load_split(*train_source, "train", args.dataset_path, args.skip_bad_samples),
                       0, args.max_train_samples)
@@ -114,4 +119,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)()  # a bad flag or input file: one line, no traceback

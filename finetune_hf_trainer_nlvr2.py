@@ -10,9 +10,11 @@ Metric: accuracy; a generated answer is mapped onto the gold answers ("True" / "
     torchrun --nproc_per_node=1 finetune_hf_trainer_nlvr2.py --bf16 --use_lora
 """
 
+import os
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
+from phi3v.errors import exit_on_input_error
 from phi3v.checkpoints import prepare_resume
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import evaluate
@@ -50,7 +52,9 @@ def main():
 
     # Data
     rows = load_split(DATASET, CONFIG, "train", args.dataset_path, args.skip_bad_samples)
-    train_rows = take(rows, EVAL_SIZE, None if args.max_train_samples is None else EVAL_SIZE + args.max_train_samples)
+    train_rows = take(rows, EVAL_SIZE, None if args.max_train_samples is None else EVAL_SIZE + args.max_train_samples,
+                      note=f"the first {EVAL_SIZE} rows are the evaluation split and training takes the rest: give "
+                           f"more than {EVAL_SIZE} rows, or change EVAL_SIZE at the top of {os.path.basename(__file__)}")
     eval_rows = take(rows, 0, min(EVAL_SIZE, args.max_eval_samples or EVAL_SIZE))
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
@@ -78,4 +82,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)()  # a bad flag or input file: one line, no traceback

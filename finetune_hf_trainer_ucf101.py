@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
+from phi3v.errors import exit_on_input_error
 from phi3v.checkpoints import prepare_resume
 from phi3v.data import load_records
 from phi3v.dataset import SFTDataset
@@ -107,4 +108,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)()  # a bad flag or input file: one line, no traceback

@@ -5,7 +5,10 @@ the same command line trains the same way on 1 or 8 GPUs. The optimizer and sche
 AdamW betas (0.9, 0.95), eps 1e-7, weight decay `--wd`, 50 warm-up steps, linear decay.
 """
 
+import argparse
 import dataclasses
+import difflib
+import importlib.util
 import logging
 import os
 import sys
@@ -13,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+
+from phi3v.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,17 @@ class RecipeArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "allow a new run into a non-empty --output_dir (else: refuse or resume)"}
     )
+    # Flags that older transformers or PEFT users pass (the community recipe's scripts among them).
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA) instead of plain LoRA"})
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "warm-up as a fraction of the training steps, in [0, 1) (transformers 5 dropped this flag: "
+                          "it becomes --warmup_steps RATIO, which transformers 5 reads as a fraction)"},
+    )
+    logging_dir: str | None = field(
+        default=None,
+        metadata={"help": "TensorBoard log folder (transformers 5 dropped this flag; default <output_dir>/runs/...)"},
+    )
 
 
 # Defaults of the original recipe where they differ from TrainingArguments'.
@@ -99,10 +115,15 @@ def parse_args(task_class=None, argv=None, **script_defaults):
     """(recipe_args, task_args or None, training_args) from the command line.
 
     script_defaults override RecipeArguments / TrainingArguments defaults for one recipe (e.g. num_crops=4).
+    The command line is parsed once (flags must be spelled in full: no abbreviations; `--flag value` and
+    `--flag=value` alike); the derived values (global batch -> per-GPU batch and accumulation, fp16 on GPU,
+    `--deepspeed none`, `--warmup_ratio`, ...) then fill in what was not given, and the dataclasses are built last
+    (TrainingArguments reads the batch size into the DeepSpeed config when it is built). A bad flag raises an
+    InputError naming it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     classes = [RecipeArguments] + ([task_class] if task_class else []) + [TrainingArguments]
-    parser = HfArgumentParser(classes)
+    parser = HfArgumentParser(classes, allow_abbrev=False)
     gpu = torch.cuda.is_available()
     parser.set_defaults(
         **TRAINING_DEFAULTS,
@@ -113,32 +134,157 @@ def parse_args(task_class=None, argv=None, **script_defaults):
         use_cpu=not gpu,
     )
     parser.set_defaults(**script_defaults)
+    namespace, given = parse_once(parser, argv)
+    derive(namespace, given, gpu)
 
-    # First pass without building TrainingArguments: its __post_init__ reads the batch size into the DeepSpeed
-    # config, so the derived values must be defaults before the real parse.
-    if "--deepspeed" in argv:
-        position = argv.index("--deepspeed")
-        if position + 1 < len(argv) and argv[position + 1].lower() in ("none", ""):
-            del argv[position : position + 2]
-            parser.set_defaults(deepspeed=None)
-    known, _ = parser.parse_known_args(argv)
-    if known.use_qlora and (known.deepspeed and "--deepspeed" not in argv):
-        logger.warning("QLoRA runs without DeepSpeed (4-bit weights are not ZeRO-partitioned); using DDP")
-        parser.set_defaults(deepspeed=None)
-    derived = dict(weight_decay=known.wd, disable_tqdm=known.no_tqdm)
-    if gpu and not known.bf16 and "--fp16" not in argv:
-        derived["fp16"] = True  # the original recipe: fp16 mixed precision unless --bf16
-    if "--gradient_accumulation_steps" not in argv:
-        per_gpu = known.per_device_train_batch_size if "--per_device_train_batch_size" in argv else known.batch_size_per_gpu
-        derived.update(split_global_batch(known.batch_size, per_gpu, int(os.environ.get("WORLD_SIZE", 1))))
-    parser.set_defaults(**derived)
-
-    parsed = parser.parse_args_into_dataclasses(args=argv)
+    parsed = []
+    for dtype in classes:
+        names = {f.name for f in dataclasses.fields(dtype) if f.init}
+        values = {name: value for name, value in vars(namespace).items() if name in names}
+        try:
+            parsed.append(dtype(**values))
+        except ValueError as error:  # TrainingArguments' own checks of flag combinations
+            raise InputError(f"invalid arguments: {' '.join(str(error).split())}") from None
     recipe_args, training_args = parsed[0], parsed[-1]
     task_args = parsed[1] if task_class else None
     if recipe_args.use_qlora:
         recipe_args.use_lora = True
     return recipe_args, task_args, training_args
+
+
+def parse_once(parser, argv) -> tuple[argparse.Namespace, set[str]]:
+    """(namespace with every option, names of the options the command line gave), from one parse of argv.
+
+    Which options were given is argparse's own knowledge: the parse runs with a marker as every default, so
+    `--x=1`, `--x 1` and `--no_x` all count, whatever the spelling."""
+    unset = object()
+    defaults = {action.dest: parser.get_default(action.dest) for action in parser._actions if action.dest != "help"}
+    saved = [(action, action.default) for action in parser._actions]
+    saved_parser_defaults = dict(parser._defaults)
+    parser.set_defaults(**{dest: unset for dest in defaults})
+    try:
+        namespace, unknown = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults.clear()
+        parser._defaults.update(saved_parser_defaults)
+    if unknown:
+        raise InputError(unknown_flag_message(parser, unknown))
+    given = {dest for dest, value in vars(namespace).items() if value is not unset}
+    actions = {action.dest: action for action in parser._actions}
+    for dest, default in defaults.items():
+        if dest not in given:
+            action = actions[dest]
+            if isinstance(default, str) and action.type is not None:  # as argparse converts a string default
+                default = parser._get_value(action, default)
+            setattr(namespace, dest, default)
+    return namespace, given
+
+
+# Flags of other recipes (or older libraries) that mean something else here: what to use instead.
+FLAG_HINTS = {
+    "--lr": "did you mean --learning_rate?",
+    "--lora_alpha": "this recipe sets LoRA alpha as --lora_alpha_ratio x --lora_rank (alpha 16 at rank 64 is "
+                    "--lora_alpha_ratio 0.25)",
+}
+
+
+def unknown_flag_message(parser, unknown: list[str]) -> str:
+    """'unknown flag --lr: did you mean --learning_rate?' for the first unknown option (or stray value)."""
+    flags = sorted({option for action in parser._actions for option in action.option_strings
+                    if option.startswith("--") and "-" not in option[2:]})  # the --snake_case spellings
+    options = [token for token in unknown if token.startswith("-")]
+    if not options:
+        return f"unexpected value {unknown[0]!r} on the command line (values follow their flag: --flag value)"
+    name = options[0].split("=", 1)[0]
+    if name in FLAG_HINTS:
+        return f"unknown flag {name}: {FLAG_HINTS[name]}"
+    name = "--" + name.lstrip("-").replace("-", "_")
+    if name in flags:  # a spelling argparse does not know, of a known flag (-learning_rate)
+        return f"unknown flag {options[0].split('=', 1)[0]}: did you mean {name}?"
+    starting = [flag for flag in flags if flag.startswith(name)]  # what an abbreviation used to expand to
+    close = starting if len(starting) == 1 else difflib.get_close_matches(name, flags, n=1, cutoff=0.6) or starting[:1]
+    hint = f": did you mean {close[0]}?" if close else " (--help lists every flag)"
+    return f"unknown flag {name}{hint}"
+
+
+def derive(ns, given: set[str], gpu: bool) -> None:
+    """Fill in the values that follow from others, for the options the command line did not give."""
+    if isinstance(ns.deepspeed, str) and ns.deepspeed.strip().lower() in ("none", ""):
+        ns.deepspeed = None
+    if ns.use_qlora and ns.deepspeed and "deepspeed" not in given:
+        logger.warning("QLoRA runs without DeepSpeed (4-bit weights are not ZeRO-partitioned); using DDP")
+        ns.deepspeed = None
+
+    _one_of(ns, given, "wd", "weight_decay")
+    if "weight_decay" not in given:
+        ns.weight_decay = ns.wd
+    if "disable_tqdm" not in given:
+        ns.disable_tqdm = ns.no_tqdm
+    if gpu and not ns.bf16 and "fp16" not in given:
+        ns.fp16 = True  # the original recipe: fp16 mixed precision unless --bf16
+
+    _one_of(ns, given, "batch_size_per_gpu", "per_device_train_batch_size")
+    per_gpu = ns.per_device_train_batch_size if "per_device_train_batch_size" in given else ns.batch_size_per_gpu
+    if "gradient_accumulation_steps" in given:
+        if "batch_size" in given:
+            raise InputError("--batch_size (the global batch) and --gradient_accumulation_steps both set the "
+                             "accumulation; give one")
+        ns.per_device_train_batch_size = per_gpu
+    else:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        for name, value in split_global_batch(ns.batch_size, per_gpu, world_size).items():
+            setattr(ns, name, value)
+
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; the old name still works here.
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if hasattr(ns, new) and old in given:
+            if new in given and getattr(ns, new) != getattr(ns, old):
+                raise InputError(f"--{old} (the old name of --{new}) and --{new} differ; give one")
+            setattr(ns, new, getattr(ns, old))
+            setattr(ns, old, None)
+
+    if ns.warmup_ratio is not None:  # transformers 4's --warmup_ratio: warmup_steps < 1 is a fraction in 5.x
+        if "warmup_steps" in given:
+            raise InputError("--warmup_ratio and --warmup_steps both set the warm-up; give one")
+        if not 0 <= ns.warmup_ratio < 1:
+            raise InputError(f"--warmup_ratio must be in [0, 1), got {ns.warmup_ratio}")
+        ns.warmup_steps = ns.warmup_ratio
+    if ns.logging_dir:  # transformers 5's TensorBoard callback reads its folder from the environment
+        os.environ["TENSORBOARD_LOGGING_DIR"] = ns.logging_dir
+    if ns.tf32 and not _tf32_available():
+        logger.warning("--tf32: TF32 needs an NVIDIA GPU of the Ampere generation or newer, none here; TF32 stays off")
+        ns.tf32 = None
+    _check_reporters(ns.report_to)
+
+
+def _one_of(ns, given, a: str, b: str) -> None:
+    """Two spellings of one setting (this recipe's and TrainingArguments'): refuse different values."""
+    if a in given and b in given and getattr(ns, a) != getattr(ns, b):
+        raise InputError(f"--{a} {getattr(ns, a)} and --{b} {getattr(ns, b)} set the same thing; give one")
+
+
+def _tf32_available() -> bool:
+    from transformers.utils import is_torch_tf32_available
+
+    return torch.cuda.is_available() and is_torch_tf32_available()
+
+
+# --report_to names -> the package each needs (transformers fails only when the Trainer starts, with a traceback)
+REPORTER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                     "neptune": "neptune", "clearml": "clearml", "trackio": "trackio", "swanlab": "swanlab",
+                     "dvclive": "dvclive", "codecarbon": "codecarbon", "azure_ml": "azureml"}
+
+
+def _check_reporters(report_to) -> None:
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        package = REPORTER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise InputError(f"--report_to {name}: {package} is not installed here (pip install {package}), or use "
+                             "--report_to tensorboard / none")
 
 
 def split_global_batch(batch_size: int, per_gpu: int, world_size: int) -> dict:

@@ -20,6 +20,8 @@ import signal
 import torch
 from transformers import TrainerCallback
 
+from phi3v.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
@@ -97,7 +99,7 @@ def check_output_dir(output_dir, overwrite: bool, resuming: bool) -> None:
     """Refuse a new run into a non-empty output_dir: it would mix with (and rotate away) another run's files."""
     if overwrite or resuming or not os.path.isdir(output_dir) or not os.listdir(output_dir):
         return
-    raise ValueError(
+    raise InputError(
         f"--output_dir {output_dir} is not empty. To continue the run saved there, pass "
         "--resume_from_checkpoint auto; to start over and replace it, pass --overwrite_output_dir."
     )

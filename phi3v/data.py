@@ -36,6 +36,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from phi3v.errors import InputError
 from phi3v.image_processing import to_rgb
 from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE, check_text, image_tag_block
 
@@ -47,7 +48,7 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 MAX_REASONS_LOGGED = 5
 
 
-class BadSampleError(ValueError):
+class BadSampleError(InputError):
     """A data problem. The message starts with where it came from: "data/train.jsonl:12: ..."."""
 
 
@@ -254,7 +255,11 @@ def _parse_record(obj, source, default_id, image_folder, data_path):
 
 
 def _read_raw(path):
-    """Yield (source, json-or-error) for each record: a JSON list file, or one JSON object per line."""
+    """Yield (source, json-or-error) for each record: a JSON list file, one JSON object per line, or a whole file
+    holding one JSON object (one record)."""
+    if path.is_dir():
+        raise BadSampleError(f"{path}: is a folder; the data path must be a JSON or jsonl file (the images go in "
+                             "the image folder)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -266,18 +271,46 @@ def _read_raw(path):
             items = json.loads(text)
         except json.JSONDecodeError as e:
             # one broken list spoils the whole file, so this is never skippable
-            raise BadSampleError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+            raise BadSampleError(_json_error(path, text, e)) from None
         for i, obj in enumerate(items):
             yield f"{path}[{i}]", obj
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if len(lines) > 1 and text.lstrip().startswith("{"):  # jsonl, or one object written over several lines
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data" and not _is_json(lines[0][1]):  # not jsonl: one object, broken
+                raise BadSampleError(_json_error(path, text, e)) from None
+        else:
+            yield f"{path}", obj  # the whole file is one record
+            return
+    for lineno, line in lines:
         source = f"{path}:{lineno}"
         try:
             yield source, json.loads(line)
         except json.JSONDecodeError as e:
             yield source, BadSampleError(f"{source}: line is not valid JSON: {e.msg} (column {e.colno})")
+
+
+def _is_json(line) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _json_error(path, text, error) -> str:
+    """'file:LINE: not valid JSON: ...', a trailing comma reported at the comma's line (Python's json names the
+    bracket after it)."""
+    before = text[: error.pos].rstrip()
+    if text[error.pos : error.pos + 1] in ("]", "}") and before.endswith(","):
+        line = before.count("\n") + 1
+        closing = text[error.pos]
+        return (f"{path}:{line}: not valid JSON: trailing comma before the '{closing}' on line {error.lineno} "
+                "(JSON allows no comma after the last item)")
+    return f"{path}:{error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
 
 
 def load_records_with_report(path, image_folder=None, skip_bad_samples=False):
@@ -307,6 +340,71 @@ def load_records_with_report(path, image_folder=None, skip_bad_samples=False):
 def load_records(path, image_folder=None, skip_bad_samples=False):
     """Load and validate every record of `path` (project jsonl or LLaVA JSON/jsonl)."""
     return load_records_with_report(path, image_folder, skip_bad_samples)[0]
+
+
+def check_media(records, skip_bad_samples=False, workers=8):
+    """Look at every image and video file of `records` before training (the recipes call it before the model
+    loads): each image's header (not an image, 1x1, decompression-bomb sized) and each video's container and
+    frame count (demuxed, not decoded). A bad file stops here with its record and file, or with
+    skip_bad_samples its record is left out (logged); returns the records kept. Damage further inside a file
+    (a truncated image) still shows only when the sample is read, and is handled there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(record):
+        try:
+            for image in record.get("images") or []:
+                if isinstance(image, (str, os.PathLike)):
+                    _probe_image(image, record["source"])
+            if record.get("video"):
+                _probe_video(record["video"], record["source"])
+        except BadSampleError as error:
+            return error
+        return None
+
+    kept, reasons = [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for record, error in zip(records, pool.map(problem, records)):
+            if error is None:
+                kept.append(record)
+            elif skip_bad_samples:
+                reasons.append(str(error))
+            else:
+                raise error
+    if reasons:
+        logger.warning("skipped %d record(s) with bad media files, kept %d. First reasons:\n  %s",
+                       len(reasons), len(kept), "\n  ".join(reasons[:MAX_REASONS_LOGGED]))
+        if not kept:
+            raise BadSampleError(f"no usable records: all {len(reasons)} have bad media files (first: {reasons[0]})")
+    return kept
+
+
+def _probe_image(path, source) -> None:
+    """Read an image file's header: its format and size (no decoding)."""
+    name = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(name) as f:
+                width, height = f.size
+    except FileNotFoundError:
+        raise BadSampleError(f"{source}: image file not found: {name}") from None
+    except UnidentifiedImageError:
+        raise BadSampleError(f"{source}: not an image file (or unsupported format): {name}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSampleError(f"{source}: image too large, refused as a possible decompression bomb: {name} ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
+    if width < 2 or height < 2:
+        raise BadSampleError(f"{source}: image is {width}x{height} pixels (need at least 2x2): {name}")
+
+
+def _probe_video(path, source) -> None:
+    from phi3v.video import VideoError, count_frames
+
+    try:
+        count_frames(path)
+    except VideoError as e:
+        raise BadSampleError(f"{source}: cannot read video: {e}") from None  # e names the file
 
 
 # --------------------------------------------------------------------------------------------------

@@ -135,5 +135,6 @@ def evaluate(model, processor, dataset, score, args, training_args, name: str) -
                           other)
     extra = "".join(f", {key} = {value:.4f}" if isinstance(value, float) else f", {key} = {value}"
                     for key, value in other.items())
-    logger.warning("%s: %s = %.4f%s on %d samples", name, metric_name, metric, extra, len(predictions))
+    if not dist.is_initialized() or dist.get_rank() == 0:  # once per run, not once per process
+        logger.info("%s: %s = %.4f%s on %d samples", name, metric_name, metric, extra, len(predictions))
     return report

@@ -3,17 +3,19 @@
 import json
 import os
 
-from phi3v.data import load_records
+from phi3v.data import check_media, load_records
+from phi3v.errors import InputError
 from phi3v.processing import image_tag_block
 
 
 def load_split(hub_id: str, config_name: str | None, split: str, dataset_path: str | None = None, skip_bad_samples=False):
     """Rows of one split: a datasets.Dataset (hub or save_to_disk copy) or a list of records (jsonl / JSON).
 
-    Records are already in the project's form; Dataset rows go through the recipe's own `to_record`.
+    Records are already in the project's form; Dataset rows go through the recipe's own `to_record`. A records
+    file's images and videos are looked at now (phi3v.data.check_media), before the model loads.
     """
     if dataset_path and os.path.isfile(dataset_path):
-        return load_records(dataset_path, skip_bad_samples=skip_bad_samples)
+        return check_media(load_records(dataset_path, skip_bad_samples=skip_bad_samples), skip_bad_samples)
     import datasets
 
     if dataset_path:
@@ -23,12 +25,13 @@ def load_split(hub_id: str, config_name: str | None, split: str, dataset_path: s
         try:
             data = datasets.load_dataset(hub_id, config_name, split=split)
         except Exception as error:  # offline or unknown: say how to work without the hub
-            raise OSError(
-                f"could not load {name} from the Hugging Face hub: {error}. Without network, save a copy elsewhere "
+            reason = " ".join(str(error).split())
+            raise InputError(
+                f"could not load {name} from the Hugging Face hub: {reason}. Without network, save a copy elsewhere "
                 "with `datasets.load_dataset(...).save_to_disk(folder)` and pass --dataset_path folder."
             ) from error
     if data is None or len(data) == 0:
-        raise ValueError(f"{name}: split {split!r} is empty")
+        raise InputError(f"{name}: split {split!r} is empty")
     return data
 
 
@@ -37,14 +40,14 @@ def _load_saved_split(dataset_path, split):
     import datasets
 
     if not os.path.isdir(dataset_path):
-        raise FileNotFoundError(f"--dataset_path {dataset_path} does not exist")
+        raise InputError(f"--dataset_path {dataset_path} does not exist")
     folder = dataset_path
     dict_file = os.path.join(dataset_path, "dataset_dict.json")
     if os.path.isfile(dict_file):  # a DatasetDict copy: load only the split asked for
         with open(dict_file) as f:
             splits = json.load(f).get("splits", [])
         if split not in splits:
-            raise ValueError(f"{dataset_path} has splits {splits}, not {split!r}")
+            raise InputError(f"{dataset_path} has splits {splits}, not {split!r}")
         folder = os.path.join(dataset_path, split)
     # datasets cannot load a split saved with no rows (an IndexError deep inside)
     return None if _saved_without_rows(folder) else datasets.load_from_disk(folder)
@@ -59,13 +62,15 @@ def _saved_without_rows(folder) -> bool:
         return False
 
 
-def take(rows, start: int = 0, stop: int | None = None):
+def take(rows, start: int = 0, stop: int | None = None, note: str = ""):
     """rows[start:stop] for a Dataset (select) or a list of records.
 
     Starting at or past the end is an error (a recipe that trains on rows 500: of a split with 500 rows or fewer
-    would otherwise load the model and evaluate before finding it has nothing to train on)."""
+    would otherwise load the model and evaluate before finding it has nothing to train on); `note` says why the
+    recipe starts there."""
     if start > 0 and start >= len(rows):
-        raise ValueError(f"{rows_name(rows)} has {len(rows)} rows: none from row {start} on, nothing to take")
+        raise InputError(f"{rows_name(rows)} has {len(rows)} rows: none from row {start} on, nothing to take"
+                         + (f"; {note}" if note else ""))
     stop = len(rows) if stop is None else min(stop, len(rows))
     if isinstance(rows, list):
         return rows[start:stop]
