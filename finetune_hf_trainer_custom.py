@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass, field
 
 from phi3v import Phi3VProcessor
-from phi3v.arguments import model_dtype, parse_args
+from phi3v.arguments import RecipeArguments, model_dtype, parse_args
 from phi3v.checkpoints import prepare_resume
 from phi3v.data import BadSampleError, load_records
 from phi3v.dataset import SFTDataset
@@ -115,7 +115,7 @@ def parse(argv=None):
     peek.add_argument("--bits", type=int, default=16)
     if peek.parse_known_args(argv)[0].bits < 16:
         defaults["deepspeed"] = None  # quantized weights are not ZeRO-partitioned: DDP (an explicit flag still wins)
-    args, task, training_args = parse_args(CustomArguments, argv, **defaults)
+    args, task, training_args = parse_args(CustomArguments, argv, recipe_class=RecipeArguments, **defaults)
 
     if task.model_id is not None:
         given = any(a == "--model_name_or_path" or a.startswith("--model_name_or_path=") for a in argv)

@@ -108,7 +108,8 @@ def main():
 
     # Train
     trainer = make_trainer(model, training_args, train_dataset, processor,
-                           skip_nonfinite=args.skip_nonfinite_steps, packing=args.packing)
+                           skip_nonfinite=args.skip_nonfinite_steps, packing=args.packing,
+                           exempt_norms_from_decay=args.exempt_norms_from_decay)
     if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
         return
     save_outputs(trainer, processor, args)

@@ -81,6 +81,43 @@ class RecipeArguments:
     )
 
 
+@dataclass
+class TaskRecipeArguments(RecipeArguments):
+    """The four task recipes' flags. Their strategies are the original recipe's (its published results were trained
+    so); three flags opt into what transformers 5 / current practice does instead (README, "Strategies")."""
+
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "LoRA on the language model's linear layers and lm_head, and on CLIP and the projector "
+                          "unless --freeze_vision_model (the original recipe's targets)"},
+    )
+    freeze_vision_model: bool = field(
+        default=False,
+        metadata={"help": "freeze the image embedding (CLIP, projector, separators) and the token embeddings, as the "
+                          "original recipe; --freeze_clip_only freezes CLIP alone"},
+    )
+    freeze_clip_only: bool = field(
+        default=False,
+        metadata={"help": "freeze only the CLIP tower: the projector, its separators and the token embeddings train "
+                          "(with LoRA: the projector is adapted, CLIP is not)"},
+    )
+    exempt_norms_from_decay: bool = field(
+        default=False,
+        metadata={"help": "no weight decay on the RMSNorm weights either (transformers 5's rule); the original "
+                          "recipe exempts only biases and LayerNorm weights"},
+    )
+    lora_exclude_lm_head: bool = field(
+        default=False,
+        metadata={"help": "leave lm_head out of LoRA (the original recipe adapts it; its adapter then also stores "
+                          "the embedding and lm_head tables)"},
+    )
+
+    def __post_init__(self):
+        if self.lora_exclude_lm_head and not (self.use_lora or self.use_qlora):
+            raise ValueError("--lora_exclude_lm_head applies to LoRA runs only: add --use_lora (or --use_qlora), "
+                             "or drop it")
+
+
 # Defaults of the original recipe where they differ from TrainingArguments'.
 TRAINING_DEFAULTS = dict(
     output_dir="./output",
@@ -111,10 +148,12 @@ def default_dataloader_workers() -> int:
     return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def parse_args(task_class=None, argv=None, **script_defaults):
+def parse_args(task_class=None, argv=None, recipe_class=TaskRecipeArguments, **script_defaults):
     """(recipe_args, task_args or None, training_args) from the command line.
 
-    script_defaults override RecipeArguments / TrainingArguments defaults for one recipe (e.g. num_crops=4).
+    recipe_class: TaskRecipeArguments (the four task recipes) or RecipeArguments (the custom recipe, whose own
+    flags choose what trains). script_defaults override RecipeArguments / TrainingArguments defaults for one recipe
+    (e.g. num_crops=4).
     The command line is parsed once (flags must be spelled in full: no abbreviations; `--flag value` and
     `--flag=value` alike); the derived values (global batch -> per-GPU batch and accumulation, fp16 on GPU,
     `--deepspeed none`, `--warmup_ratio`, ...) then fill in what was not given, and the dataclasses are built last
@@ -122,7 +161,7 @@ def parse_args(task_class=None, argv=None, **script_defaults):
     InputError naming it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    classes = [RecipeArguments] + ([task_class] if task_class else []) + [TrainingArguments]
+    classes = [recipe_class] + ([task_class] if task_class else []) + [TrainingArguments]
     parser = HfArgumentParser(classes, allow_abbrev=False)
     gpu = torch.cuda.is_available()
     parser.set_defaults(

@@ -13,8 +13,9 @@ from phi3v.modeling import Phi3VForCausalLM
 
 logger = logging.getLogger(__name__)
 
-# Not lm_head (the original recipe adapted it too): PEFT then stores the whole embedding and lm_head, ~400 MB,
-# in every adapter. Pass lm_head=True to lora_target_modules to adapt it anyway.
+# The original recipe's LoRA targets (its create_lora_config): these four in every decoder layer and lm_head; with
+# the vision side, CLIP's attention and MLP layers (the used ones) and the projector's two linear layers.
+# lora_target_modules adds lm_head with lm_head=True (the four task recipes, unless --lora_exclude_lm_head).
 LANGUAGE_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -70,8 +71,19 @@ def _local_device():
 
 
 def freeze_vision_tower(model) -> None:
-    """Freeze the CLIP tower only; the projector and the (shared) token embeddings stay trainable."""
+    """Freeze the CLIP tower only; the projector and the (shared) token embeddings stay trainable.
+
+    The custom recipe's --freeze_vision_tower, and the four task recipes' --freeze_clip_only."""
     _base(model).model.vision_embed_tokens.vision_model.requires_grad_(False)
+
+
+def freeze_vision_embedding(model) -> None:
+    """The original recipe's --freeze_vision_model, `model.model.vision_embed_tokens.requires_grad_(False)`: in the
+    official model the image embedding holds CLIP, the projector, the glb_GN / sub_GN separators and the language
+    model's token embedding table (the same module as model.embed_tokens), so all of them are frozen."""
+    model = _base(model).model
+    model.vision_embed_tokens.requires_grad_(False)
+    model.embed_tokens.requires_grad_(False)
 
 
 def lora_target_modules(

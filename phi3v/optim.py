@@ -1,8 +1,9 @@
 """AdamW with one learning rate per part of the model (vision tower, projector, language model).
 
 Groups are named "vision", "projector", "language", each split into a weight-decay group and a "<name>_no_decay"
-group. Which parameters skip weight decay is the Trainer's own default rule (biases, LayerNorm / RMSNorm weights),
-so switching to this optimizer changes the learning rates only. The Trainer's scheduler multiplies each group's
+group. Which parameters skip weight decay is transformers 5's Trainer rule (biases, LayerNorm / RMSNorm weights),
+so switching to this optimizer changes the learning rates only. (The four task recipes keep the original recipe's
+rule instead, which decays RMSNorm weights: `original_decay_parameter_names`.) The Trainer's scheduler multiplies each group's
 base lr by the same factor, so every group follows the same schedule at its own scale.
 """
 
@@ -33,8 +34,18 @@ def parameter_group(name: str) -> str:
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that get weight decay: the same set as the Trainer's default optimizer."""
+    """Names of the parameters that get weight decay, as transformers 5's Trainer picks them: all but biases and the
+    weights of LayerNorm and RMSNorm layers (by name). The custom recipe's rule, and the four task recipes' with
+    --exempt_norms_from_decay."""
     return set(get_parameter_names(model, [nn.LayerNorm], NO_DECAY_NAME_PATTERNS))
+
+
+def original_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters the original recipe decays: its Trainer's rule (transformers 4.45), every parameter
+    but biases and the weights of torch.nn.LayerNorm modules. Phi-3's RMSNorm is no LayerNorm, so the language
+    model's input_layernorm, post_attention_layernorm and final norm weights ARE decayed; CLIP's LayerNorms are not.
+    The four task recipes' rule by default (their published results were trained with it)."""
+    return {name for name in get_parameter_names(model, [nn.LayerNorm]) if "bias" not in name}
 
 
 def build_optimizer(model: nn.Module, training_args, vision_lr=None, projector_lr=None) -> torch.optim.AdamW:

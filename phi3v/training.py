@@ -10,9 +10,11 @@ from phi3v.arguments import model_dtype
 from phi3v.checkpoints import NonFiniteCallback, SigtermCallback
 from phi3v.collator import Phi3VDataCollator
 from phi3v.metrics import normalise_answer
+from phi3v.optim import decay_parameter_names, original_decay_parameter_names
 from phi3v.model_setup import (
     apply_lora,
     count_parameters,
+    freeze_vision_embedding,
     freeze_vision_tower,
     load_model,
     lora_target_modules,
@@ -31,7 +33,11 @@ def setup_logging(training_args) -> None:
 
 
 def model_for_training(args, training_args):
-    """Load the model and prepare it for the chosen strategy: full, frozen vision, LoRA or QLoRA."""
+    """Load the model and prepare it for the chosen strategy: full, frozen vision, LoRA or QLoRA.
+
+    As the original recipe (its published results): --freeze_vision_model freezes the whole image embedding and the
+    token embeddings; LoRA adapts lm_head too. --freeze_clip_only and --lora_exclude_lm_head opt out (README,
+    "Strategies")."""
     start_deepspeed_comm_for_zero3(training_args)
     model = load_model(
         args.model_name_or_path,
@@ -39,18 +45,23 @@ def model_for_training(args, training_args):
         use_flash_attention=args.use_flash_attention,
         use_qlora=args.use_qlora,
     )
-    if args.freeze_vision_model:
+    if args.freeze_clip_only:
         freeze_vision_tower(model)
+    elif args.freeze_vision_model:
+        freeze_vision_embedding(model)
     if args.use_qlora:
         model = prepare_for_kbit_training(model)
     if args.use_lora:
-        vision = not args.freeze_vision_model
+        frozen = args.freeze_vision_model or args.freeze_clip_only
         model = apply_lora(
             model,
             rank=args.lora_rank,
             alpha=args.lora_rank * args.lora_alpha_ratio,
             dropout=args.lora_dropout,
-            target_modules=lora_target_modules(model, vision=vision),
+            target_modules=lora_target_modules(
+                model, vision=not frozen, projector=not frozen or args.freeze_clip_only,
+                lm_head=not args.lora_exclude_lm_head,
+            ),
             seed=training_args.seed,
         )
     return place_and_report(model, training_args, quantized=args.use_qlora)
@@ -81,7 +92,21 @@ def place_and_report(model, training_args, quantized: bool):
 
 
 class Phi3VTrainer(Trainer):
-    """The Trainer, plus: the ids of each batch's samples reach the non-finite check (for its message)."""
+    """The Trainer, plus: the ids of each batch's samples reach the non-finite check (for its message), and its
+    optimizer decays the original recipe's set of weights (or, with exempt_norms_from_decay, not the norm weights).
+    """
+
+    def __init__(self, *args, exempt_norms_from_decay: bool = False, **kwargs):
+        self.exempt_norms_from_decay = exempt_norms_from_decay
+        super().__init__(*args, **kwargs)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The original recipe's Trainer rule (transformers 4.45: all but biases and torch.nn.LayerNorm weights, so
+        the RMSNorm weights are decayed); transformers 5's rule (norm weights exempt too) with
+        exempt_norms_from_decay. Every optimizer the Trainer builds (also under DeepSpeed) takes its groups here."""
+        if self.exempt_norms_from_decay:
+            return sorted(decay_parameter_names(model))
+        return sorted(original_decay_parameter_names(model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)
@@ -94,10 +119,11 @@ class Phi3VTrainer(Trainer):
 
 def make_trainer(
     model, training_args, train_dataset, processor, callbacks=None, optimizers=(None, None), skip_nonfinite=False,
-    packing=False,
+    packing=False, exempt_norms_from_decay=False,
 ) -> Trainer:
     """The Trainer of every recipe: padding collator (padding-free rows with `packing`), SIGTERM -> checkpoint and
-    clean stop, NaN/inf gradients stop the run (or skip the step), throughput and memory in the logs."""
+    clean stop, NaN/inf gradients stop the run (or skip the step), throughput and memory in the logs. Its own
+    optimizer (when `optimizers` gives none) decays what the original recipe's does, see Phi3VTrainer."""
     if len(train_dataset) == 0:
         raise ValueError("the training split is empty")
     callbacks = [SigtermCallback(), NonFiniteCallback(skip=skip_nonfinite)] + list(callbacks or [])
@@ -109,6 +135,7 @@ def make_trainer(
         processing_class=processor,
         callbacks=callbacks,
         optimizers=optimizers,  # (optimizer, scheduler); None: the Trainer's own
+        exempt_norms_from_decay=exempt_norms_from_decay,
     )
     # images/s, tokens/s and peak memory in the logs; first, so the reporting callbacks see them.
     ThroughputCallback.install_first(trainer)
