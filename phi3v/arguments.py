@@ -186,7 +186,7 @@ def parse_args(task_class=None, argv=None, recipe_class=TaskRecipeArguments, **s
             raise InputError(f"invalid arguments: {' '.join(str(error).split())}") from None
     recipe_args, training_args = parsed[0], parsed[-1]
     task_args = parsed[1] if task_class else None
-    if recipe_args.use_qlora:
+    if getattr(recipe_args, "use_qlora", False):
         recipe_args.use_lora = True
     return recipe_args, task_args, training_args
 
@@ -252,7 +252,7 @@ def derive(ns, given: set[str], gpu: bool) -> None:
     """Fill in the values that follow from others, for the options the command line did not give."""
     if isinstance(ns.deepspeed, str) and ns.deepspeed.strip().lower() in ("none", ""):
         ns.deepspeed = None
-    if ns.use_qlora and ns.deepspeed and "deepspeed" not in given:
+    if getattr(ns, "use_qlora", False) and ns.deepspeed and "deepspeed" not in given:
         logger.warning("QLoRA runs without DeepSpeed (4-bit weights are not ZeRO-partitioned); using DDP")
         ns.deepspeed = None
 

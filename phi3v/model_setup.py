@@ -36,9 +36,17 @@ def load_model(
     use_flash_attention: bool = False,
     use_qlora: bool = False,
     bits: int = 16,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    skip_modules=("lm_head",),
+    cache_dir: str | None = None,
 ) -> Phi3VForCausalLM:
-    """The model in `dtype`; with use_qlora (or bits 4 / 8) its linear layers quantized by bitsandbytes."""
+    """The model in `dtype`; with use_qlora (or bits 4 / 8) its linear layers quantized by bitsandbytes, except the
+    modules named in skip_modules (4-bit: `quant_type` nf4 or fp4, double-quantized unless double_quant is False).
+    cache_dir: where hub downloads go (the hub's default cache when None)."""
     kwargs = {"dtype": dtype, "attn_implementation": attention_implementation(use_flash_attention)}
+    if cache_dir:
+        kwargs["cache_dir"] = cache_dir
     if use_qlora:
         bits = 4
     if bits in (4, 8):
@@ -48,13 +56,13 @@ def load_model(
         if bits == 4:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
+                bnb_4bit_quant_type=quant_type,
+                bnb_4bit_use_double_quant=double_quant,
                 bnb_4bit_compute_dtype=compute_dtype,
-                llm_int8_skip_modules=["lm_head"],
+                llm_int8_skip_modules=list(skip_modules),
             )
         else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
         kwargs["dtype"] = compute_dtype
         kwargs["device_map"] = {"": _local_device()}
     elif bits != 16:
@@ -120,7 +128,8 @@ def lora_target_modules(
 
 
 def apply_lora(
-    model, rank: int, alpha: float, dropout: float, target_modules: list[str], modules_to_save=None, seed=None
+    model, rank: int, alpha: float, dropout: float, target_modules: list[str], modules_to_save=None, seed=None,
+    use_dora: bool = False, bias: str = "none",
 ):
     """Wrap `target_modules` with LoRA adapters (gaussian init, as the official recipe); returns a PeftModel.
 
@@ -141,6 +150,8 @@ def apply_lora(
         init_lora_weights="gaussian",
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
+        use_dora=use_dora,  # DoRA: weight-decomposed LoRA (--use_dora)
+        bias=bias,  # "none", "all" or "lora_only": which biases train too (--lora_bias)
     )
     return get_peft_model(model, config)
 

@@ -63,6 +63,7 @@ def model_for_training(args, training_args):
                 lm_head=not args.lora_exclude_lm_head,
             ),
             seed=training_args.seed,
+            use_dora=args.use_dora,
         )
     return place_and_report(model, training_args, quantized=args.use_qlora)
 

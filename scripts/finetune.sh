@@ -11,9 +11,11 @@ IMAGE_FOLDER=${IMAGE_FOLDER:-data/images}
 OUTPUT_DIR=${OUTPUT_DIR:-output/phi3v_full}
 NUM_GPUS=${NUM_GPUS:-1}
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The project's virtual environment unless PYTHON names another interpreter (no activated venv needed).
+PYTHON=${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}
 
 # --standalone: a free rendezvous port on this machine, so two runs on one host do not collide.
-torchrun --standalone --nproc_per_node="$NUM_GPUS" "$ROOT/finetune_hf_trainer_custom.py" \
+"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NUM_GPUS" "$ROOT/finetune_hf_trainer_custom.py" \
     --model_id "$MODEL" \
     --data_path "$DATA_PATH" \
     --image_folder "$IMAGE_FOLDER" \

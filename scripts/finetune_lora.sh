@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# LoRA on the language model's linear layers and the projector; the vision tower frozen. The adapter is saved in
-# OUTPUT_DIR; scripts/merge_lora.sh folds it into the base model. Extra flags are passed on, e.g. --bits 4 (QLoRA).
+# LoRA adapters on the (frozen) language model's linear layers, the projector trained fully, the vision tower frozen
+# (2U1's meanings, see the README). The adapter and the projector are saved in OUTPUT_DIR; scripts/merge_lora.sh
+# folds them into the base model. Extra flags are passed on, e.g. --bits 4 (QLoRA), or --freeze_vision_tower False
+# --vision_lr 2e-6 to train the vision tower fully as well (2U1's finetune_lora.sh).
 #
 #   DATA_PATH=data/train.json IMAGE_FOLDER=data/images scripts/finetune_lora.sh
 set -euo pipefail
@@ -11,8 +13,10 @@ IMAGE_FOLDER=${IMAGE_FOLDER:-data/images}
 OUTPUT_DIR=${OUTPUT_DIR:-output/phi3v_lora}
 NUM_GPUS=${NUM_GPUS:-1}
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The project's virtual environment unless PYTHON names another interpreter (no activated venv needed).
+PYTHON=${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}
 
-torchrun --standalone --nproc_per_node="$NUM_GPUS" "$ROOT/finetune_hf_trainer_custom.py" \
+"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NUM_GPUS" "$ROOT/finetune_hf_trainer_custom.py" \
     --model_id "$MODEL" \
     --data_path "$DATA_PATH" \
     --image_folder "$IMAGE_FOLDER" \

@@ -13,8 +13,10 @@ OUTPUT_DIR=${OUTPUT_DIR:-output/phi3v_video}
 NUM_GPUS=${NUM_GPUS:-1}
 MAX_NUM_FRAMES=${MAX_NUM_FRAMES:-10}
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The project's virtual environment unless PYTHON names another interpreter (no activated venv needed).
+PYTHON=${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}
 
-torchrun --standalone --nproc_per_node="$NUM_GPUS" "$ROOT/finetune_hf_trainer_custom.py" \
+"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NUM_GPUS" "$ROOT/finetune_hf_trainer_custom.py" \
     --model_id "$MODEL" \
     --data_path "$DATA_PATH" \
     --image_folder "$IMAGE_FOLDER" \

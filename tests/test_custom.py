@@ -196,8 +196,10 @@ def test_freeze_flags_leave_groups_out(work):
     from phi3v.optim import build_optimizer
 
     model, task, training_args = build(work, "--freeze_vision_tower", "--tune_img_projector", "false")
-    names = {g["name"] for g in build_optimizer(model, training_args).param_groups}
-    assert names == {"language", "language_no_decay"}
+    groups = {g["name"]: g for g in build_optimizer(model, training_args).param_groups}
+    # as in 2U1, the image separators (glb_GN, sub_GN: projector group) train in every run without LoRA
+    assert set(groups) == {"language", "language_no_decay", "projector"}
+    assert sum(p.numel() for p in groups["projector"]["params"]) == 2 * 4 * 32
 
     model, task, training_args = build(work, "--freeze_llm")
     names = {g["name"] for g in build_optimizer(model, training_args).param_groups}
@@ -206,26 +208,31 @@ def test_freeze_flags_leave_groups_out(work):
 
 
 # ------------------------------------------------------------------------------------------------ LoRA options
-def test_default_lora_targets_language_and_projector(work):
+def test_default_lora_targets_language_only(work):
     model, _, _ = build(work, "--lora_enable")
     wrapped = lora_wrapped(model)
-    assert "model.layers.0.self_attn.qkv_proj" in wrapped and "model.layers.1.mlp.down_proj" in wrapped
-    # "embed_tokens" in the default exclusions must not also drop model.vision_embed_tokens.*
-    assert {"model.vision_embed_tokens.img_projection.0", "model.vision_embed_tokens.img_projection.2"} <= set(wrapped)
-    assert not any("img_processor" in n or n in ("lm_head", "model.embed_tokens") for n in wrapped)
+    assert sorted(wrapped) == sorted(f"model.layers.{i}.{m}" for i in (0, 1) for m in
+                                     ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))
+    # 2U1: without --vision_lora the projector (--tune_img_projector) and the CLIP tower train fully, kept in the
+    # adapter as PEFT's modules_to_save
+    saved = {n.split(".modules_to_save.")[0].removeprefix("base_model.model.") for n, p in model.named_parameters()
+             if ".modules_to_save." in n and p.requires_grad}
+    assert saved == {"model.vision_embed_tokens.img_projection", "model.vision_embed_tokens.img_processor.vision_model"}
     args, task, _ = parse(work, "--lora_enable")
     assert (args.lora_rank, task.lora_alpha, args.lora_dropout, args.num_crops) == (128, 256, 0.05, 1)
 
 
-def test_num_lora_modules_wraps_only_the_last_layer(work):
+def test_num_lora_modules_wraps_only_the_last_modules(work):
+    # 2U1: the last N linear modules, in the official module order (... projector, decoder layers, lm_head)
     model, _, _ = build(work, "--lora_enable", "--vision_lora", "--num_lora_modules", "1")
-    wrapped = lora_wrapped(model)
-    language = [n for n in wrapped if n.startswith("model.layers.")]
-    vision = [n for n in wrapped if "img_processor" in n]
-    assert sorted(language) == sorted(f"model.layers.1.{m}" for m in
-                                      ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))
-    # the tiny CLIP tower uses one of its two layers (the last one never runs): that one is the "last N"
-    assert vision and all(".encoder.layers.0." in n for n in vision)
+    assert lora_wrapped(model) == ["model.layers.1.mlp.down_proj"]
+    model, _, _ = build(work, "--lora_enable", "--vision_lora", "--num_lora_modules", "11")
+    assert sorted(lora_wrapped(model)) == sorted(
+        ["model.vision_embed_tokens.img_projection.0", "model.vision_embed_tokens.img_projection.2"]
+        + [f"model.layers.{i}.{m}" for i in (0, 1) for m in
+           ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+        # the 11th from the end is the last CLIP layer's fc2, which never runs: left out
+    )
 
 
 def test_namespan_exclude_is_honoured(work):
