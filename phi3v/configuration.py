@@ -7,9 +7,18 @@ What the official file needs beyond Phi3Config (PHI3V_SPEC sections 2 and 6):
   spec section 7) shrinks the CLIP tower for tiny test checkpoints.
 - `_attn_implementation: "flash_attention_2"` is baked into the file; it is a property of the machine, not of the
   checkpoint, so it is dropped here and chosen at load time (sdpa by default).
+- `auto_map` (the remote code) is never followed. Only which repository it names is kept, so that a saved
+  config.json is written back in the official form of its base, pointing at that repository's code (phi3v.official).
 """
 
+import logging
+
 from transformers import CLIPVisionConfig, Phi3Config
+
+from phi3v.official import code_repo_in_auto_map, is_hub_id, official_file, pointing_at, recognise_base, write_json
+
+logger = logging.getLogger(__name__)
+
 
 # The CLIP ViT-L/14-336 tower that the remote code hard-codes (spec 2.4). Never downloaded.
 CLIP_VIT_L_336 = dict(
@@ -49,12 +58,16 @@ class Phi3VConfig(Phi3Config):
     model_type = "phi3_v"
 
     def __init__(self, embd_layer=None, img_processor=None, rope_scaling=None, **kwargs):
-        kwargs.pop("auto_map", None)  # remote-code hooks (spec 9.14): never followed, never written back
+        # Remote-code hooks (docs/DESIGN.md §9.14) are never followed; the repository they name is kept for saving (see
+        # to_official_dict): a repo named in "<repo>--module.Class" entries, "" for code beside the file, None for none.
+        auto_map = kwargs.pop("auto_map", None)
+        recorded = kwargs.pop("_code_repo", None)
+        self._code_repo = code_repo_in_auto_map(auto_map) if auto_map is not None else recorded
         kwargs.pop("_attn_implementation", None)
         # LongRoPE's scale s = max_position_embeddings / original_max_position_embeddings (32 for the official
         # models) sets the attention factor sqrt(1 + ln s / ln original); written as transformers' `factor`.
         scale = kwargs.get("max_position_embeddings", 4096) / kwargs.get("original_max_position_embeddings", 4096)
-        if rope_scaling is not None:
+        if rope_scaling is not None and kwargs.get("rope_parameters") is None:  # both: see to_official_dict
             kwargs["rope_parameters"] = _longrope_parameters(rope_scaling, kwargs.get("rope_theta", 10000.0), scale)
         rope_parameters = kwargs.get("rope_parameters")
         if isinstance(rope_parameters, dict) and rope_parameters.get("rope_type") == "su":
@@ -66,6 +79,53 @@ class Phi3VConfig(Phi3Config):
         self.img_processor = dict(DEFAULT_IMG_PROCESSOR if img_processor is None else img_processor)
         super().__init__(**kwargs)
         self._check_vision_options()
+
+    # ------------------------------------------------------------------------------------------ config.json
+    def official_base(self) -> tuple[str, str]:
+        """(official base whose config.json form is written, repository the auto_map points at); phi3v.official."""
+        repo = self._code_repo
+        if repo == "":  # the files carried the code: that is the repository loaded from, when it was a hub id
+            repo = self.name_or_path if is_hub_id(self.name_or_path) else None
+        base = recognise_base(repo, getattr(self, "sliding_window", None))
+        return base, repo or base
+
+    def to_official_dict(self) -> dict:
+        """config.json as the base model writes it: its keys in its order, LongRoPE as `rope_scaling` ("su") with
+        `rope_theta`, `torch_dtype`, and `auto_map` pointing at the base repository's remote code. A setting the
+        official form has no key for is added only where it is not the default (so that this package reads the
+        same model back)."""
+        base, repo = self.official_base()
+        template = official_file(base, "config.json")
+        native = self.to_dict()
+        rope = dict(native.get("rope_parameters") or {})
+        longrope = rope.get("rope_type") == "longrope"
+        official = {
+            "_name_or_path": repo,
+            "auto_map": pointing_at(template["auto_map"], repo),
+            "rope_scaling": (
+                {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"], "type": "su"}
+                if longrope else None
+            ),
+            "rope_theta": rope.get("rope_theta", native.get("rope_theta", 10000.0)),
+            "torch_dtype": native.get("dtype"),
+            "_attn_implementation": template["_attn_implementation"],
+        }
+        out = {key: official[key] if key in official else native[key] for key in template}
+
+        reread = type(self)(**out).to_dict()
+        handled = set(out) | {"rope_parameters", "dtype", "transformers_version", "_name_or_path", "_code_repo"}
+        for key, value in native.items():
+            if key not in handled and reread.get(key) != value:
+                out[key] = value
+        if reread.get("rope_parameters") != native.get("rope_parameters"):
+            logger.warning("config.json: rope_parameters %s have no official form; written beside rope_scaling "
+                           "(the official code will not read them)", native.get("rope_parameters"))
+            out["rope_parameters"] = native.get("rope_parameters")
+        return out
+
+    def to_json_file(self, json_file_path, use_diff: bool = True):
+        """Write config.json in the official form of the base model (save_pretrained writes through here)."""
+        write_json(json_file_path, self.to_official_dict())
 
     @property
     def vision_config(self) -> CLIPVisionConfig:

@@ -18,6 +18,17 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 
+from phi3v.official import (
+    PHI3_VISION_128K,
+    code_repo_in_auto_map,
+    code_repo_of_source,
+    official_file,
+    pointing_at,
+    recognise_base,
+    write_json,
+)
+
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -80,8 +91,12 @@ class Phi3VImageProcessor:
         image_std=CLIP_STD,
         do_convert_rgb: bool = True,
         crop_size: int = 336,
-        **kwargs,  # other keys of preprocessor_config.json (auto_map, processor_class, ...) are not ours
+        auto_map: dict | None = None,  # the remote code's classes: never followed, kept to save the official form
+        **kwargs,  # other keys of preprocessor_config.json (processor_class, ...) are not ours
     ):
+        self.auto_map = dict(auto_map) if isinstance(auto_map, dict) else None
+        # The repository whose remote code saved files point at (phi3v.official); from_pretrained records it.
+        self.code_repo = code_repo_in_auto_map(self.auto_map) or None
         self.num_crops = _check_num_crops(num_crops)
         self.num_img_tokens = num_img_tokens
         self.image_mean = list(image_mean)
@@ -182,21 +197,43 @@ class Phi3VImageProcessor:
     __call__ = preprocess
 
     # ---------------------------------------------------------------- files
+    def official_base(self) -> tuple[str, str]:
+        """(official base whose preprocessor_config.json form is written, repository its auto_map points at).
+
+        The base: named by the recorded repository, else told by the file read (Phi-3-vision-128k's auto_map names
+        image_processing_phi3_v, Phi-3.5-vision's processing_phi3_v), else Phi-3.5-vision (phi3v.official)."""
+        base = recognise_base(self.code_repo)
+        if base != self.code_repo:  # not named by the repository: told by the file read
+            module = str((self.auto_map or {}).get("AutoImageProcessor", "")).split("--")[-1]
+            if module.startswith("image_processing_phi3_v."):
+                base = PHI3_VISION_128K
+        return base, self.code_repo or base
+
     def to_dict(self) -> dict:
-        return {
+        """preprocessor_config.json in the official form of the base model: its keys in its order, auto_map pointing
+        at the base repository's code; settings it has no key for only where they are not the default."""
+        base, repo = self.official_base()
+        template = official_file(base, "preprocessor_config.json")
+        values = {
+            "auto_map": pointing_at(template["auto_map"], repo),
+            "do_convert_rgb": self.do_convert_rgb,
+            "image_mean": self.image_mean,
             "image_processor_type": "Phi3VImageProcessor",
-            "processor_class": "Phi3VProcessor",
+            "image_std": self.image_std,
             "num_crops": self.num_crops,
             "num_img_tokens": self.num_img_tokens,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
-            "do_convert_rgb": self.do_convert_rgb,
+            "processor_class": "Phi3VProcessor",
         }
+        out = {key: values[key] for key in template}
+        if not self.do_convert_rgb:
+            out["do_convert_rgb"] = False
+        if self.crop_size != 336:
+            out["crop_size"] = self.crop_size
+        return out
 
     def save_pretrained(self, save_directory):
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, "preprocessor_config.json"), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        write_json(os.path.join(save_directory, "preprocessor_config.json"), self.to_dict())
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, num_crops: int | None = None, **kwargs):
@@ -206,7 +243,9 @@ class Phi3VImageProcessor:
             config = json.load(f)
         if num_crops is not None:
             config["num_crops"] = num_crops
-        return cls(**config)
+        processor = cls(**config)
+        processor.code_repo = code_repo_of_source(config.get("auto_map"), path_or_hub_id)
+        return processor
 
 
 def _check_num_crops(num_crops) -> int:

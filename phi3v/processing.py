@@ -19,6 +19,7 @@ from transformers.feature_extraction_utils import BatchFeature
 
 from phi3v.hub import resolve_file
 from phi3v.image_processing import Phi3VImageProcessor
+from phi3v.official import processor_config
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 IMAGE_TAG_SPLIT = re.compile(r"<\|image_\d+\|>")
@@ -224,10 +225,12 @@ class Phi3VProcessor:
         return cls(image_processor, load_tokenizer(tokenizer_file, tokenizer_config))
 
     def save_pretrained(self, save_directory):
-        """Write the official file set (without remote-code auto_map): preprocessor, processor, tokenizer."""
+        """Write the official file set: preprocessor and processor configs in the base model's form (auto_map
+        pointing at its repository's processing code, phi3v.official), tokenizer files."""
         os.makedirs(save_directory, exist_ok=True)
         self.image_processor.save_pretrained(save_directory)
-        _write_json(os.path.join(save_directory, "processor_config.json"), {"processor_class": "Phi3VProcessor"})
+        base, repo = self.image_processor.official_base()
+        _write_json(os.path.join(save_directory, "processor_config.json"), processor_config(base, repo))
         self.tokenizer.backend_tokenizer.save(os.path.join(save_directory, "tokenizer.json"))
         tok = self.tokenizer
         _write_json(

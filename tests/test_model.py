@@ -117,8 +117,8 @@ def test_tiny_checkpoint_uses_official_names(tiny_checkpoint):
     assert len(keys) == 15 + (7 + 16 * 2) + 6 == 60  # spec 7: LM 3 + 6 * layers, CLIP 7 + 16 * layers, extras 6
     assert "model.vision_embed_tokens.img_processor.vision_model.post_layernorm.weight" in keys
     assert "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.1.mlp.fc2.bias" in keys
-    with open(os.path.join(tiny_checkpoint, "config.json")) as f:
-        assert "auto_map" not in json.load(f)
+    with open(os.path.join(tiny_checkpoint, "config.json")) as f:  # official form (tests/test_official_files.py)
+        assert json.load(f)["auto_map"]["AutoConfig"] == "microsoft/Phi-3.5-vision-instruct--configuration_phi3_v.Phi3VConfig"
 
 
 def test_auto_model_loads_folder_with_remote_code_hooks(tiny_checkpoint, tmp_path):
