@@ -12,7 +12,7 @@ import torch
 from phi3v.processing import IMAGE_TAG, Phi3VProcessor, as_id_list, pad_sequences
 
 IGNORE_INDEX = -100
-# Every answer ends the assistant turn and the text, as in the official recipe (spec 4.4).
+# Every answer ends the assistant turn and the text, as in the official recipe (docs/DESIGN.md §4.4).
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
 
 

@@ -1,4 +1,4 @@
-"""Phi3VImageEmbedding: CLIP features of the HD crops -> image tokens in the language model's width (spec 5).
+"""Phi3VImageEmbedding: CLIP features of the HD crops -> image tokens in the language model's width (docs/DESIGN.md §5).
 
 Per image: CLIP runs on the global view and the used crops (the zero padding crops are skipped: their features
 are discarded by the reference anyway), the 24x24 patch features of each crop are merged 2x2 into 12x12 tokens
@@ -20,7 +20,7 @@ class Phi3VImageEmbedding(nn.Module):
         vision_config = config.vision_config
         vision_config._attn_implementation = config._attn_implementation
         # `img_processor.vision_model.*` are the official checkpoint names; a ModuleDict keeps them exactly,
-        # whatever renaming transformers applies to a bare nested CLIPVisionModel (spec 1.4).
+        # whatever renaming transformers applies to a bare nested CLIPVisionModel (docs/DESIGN.md §1.4).
         self.img_processor = nn.ModuleDict({"vision_model": CLIPVisionModel(vision_config)})
         dim = vision_config.hidden_size
         self.crop_size = vision_config.image_size

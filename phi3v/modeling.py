@@ -1,6 +1,6 @@
 """Phi3VForCausalLM: transformers' Phi-3 language model with the Phi-3-V image embedding in front.
 
-Parameter names are the official checkpoint's (spec 1.2): `model.embed_tokens`, `model.layers.*`, `model.norm`,
+Parameter names are the official ones (docs/DESIGN.md §1.2): `model.embed_tokens`, `model.layers.*`, `model.norm`,
 `model.vision_embed_tokens.*`, `lm_head`, so `from_pretrained` / `save_pretrained` read and write the official
 layout (592 tensors at full size) with no key mapping of our own.
 """
@@ -27,7 +27,7 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     config: Phi3VConfig
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
     # Harmless extras some copies of the checkpoint carry: CLIP's position_ids buffer and the alias of
-    # embed_tokens that the reference image embedding kept as `wte` (spec 1.3).
+    # embed_tokens that the reference image embedding kept as `wte` (docs/DESIGN.md §1.3).
     _keys_to_ignore_on_load_unexpected = [r"\.position_ids$", r"vision_embed_tokens\.wte\.weight$"]
 
     def _init_weights(self, module):
@@ -61,7 +61,7 @@ class Phi3VModel(Phi3Model):
         """
         if pixel_values is not None and image_sizes is None:
             raise ValueError("pixel_values were given without image_sizes: pass both (the processor returns both)")
-        embeds = self.embed_tokens(input_ids.clamp(min=0))  # never mutate the caller's ids (spec 9.9)
+        embeds = self.embed_tokens(input_ids.clamp(min=0))  # never mutate the caller's ids (docs/DESIGN.md §9.9)
         if pixel_values is None:
             if image_positions is not None:
                 has_slots = image_positions.numel() > 0
@@ -245,7 +245,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         # LongRoPE: keys cached under the short factors are wrong once the sequence passes
-        # original_max_position_embeddings; drop the cache once there and re-run the whole prefix (spec 6).
+        # original_max_position_embeddings; drop the cache once there and re-run the whole prefix (docs/DESIGN.md §6).
         limit = self.config.original_max_position_embeddings
         cached = cache.get_seq_length() if cache is not None else 0
         if input_ids.shape[1] > limit and 0 < cached <= limit:

@@ -1,11 +1,11 @@
 """Phi3VProcessor: prompts with `<|image_k|>` tags + images -> input_ids, attention_mask, pixel_values, image_sizes.
 
-Token layout (PHI3V_SPEC 4.3): the prompt is split at its image tags, every text chunk is encoded with BOS (so a
+Token layout (docs/DESIGN.md §4.3): the prompt is split at its image tags, every text chunk is encoded with BOS (so a
 second BOS follows each image block, as in the reference), and tag k becomes the id -k repeated once per image
 token. The model later writes the image features over those negative ids.
 
 The tokenizer is always built from `tokenizer.json` itself: loading the official folder through
-LlamaTokenizer(Fast) under transformers 5 rebuilds Llama's pre-processing and changes the ids (spec 4.1).
+LlamaTokenizer(Fast) under transformers 5 rebuilds Llama's pre-processing and changes the ids (docs/DESIGN.md §4.1).
 """
 
 import json
@@ -24,7 +24,7 @@ from phi3v.official import processor_config
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 IMAGE_TAG_SPLIT = re.compile(r"<\|image_\d+\|>")
 
-# The official `chat_template` (spec 4.2), used when a folder's tokenizer_config.json has none.
+# The official `chat_template` (docs/DESIGN.md §4.2), used when a folder's tokenizer_config.json has none.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{- '<|assistant|>\n' -}}"
@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
 )
 END_OF_TURN = "<|end|>"  # 32007: what the chat model ends its answer with
 END_OF_TEXT = "<|endoftext|>"  # 32000: eos and pad
-# Generation stops at the chat model's end of turn: <|end|> (32007), sometimes followed by <|endoftext|> (spec 8).
+# Stop at the chat model's end of turn: <|end|> (32007), sometimes followed by <|endoftext|> (docs/DESIGN.md §8).
 STOP_TOKEN_IDS = [32007, 32000]
 
 PACKAGED_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer.json")
@@ -247,7 +247,7 @@ class Phi3VProcessor:
                 "pad_token": tok.pad_token,
                 "padding_side": tok.padding_side,
                 "processor_class": "Phi3VProcessor",
-                # Not LlamaTokenizer: AutoTokenizer would rebuild Llama's pre-processing and change ids (spec 4.1).
+                # Not LlamaTokenizer: AutoTokenizer would rebuild it with other ids (docs/DESIGN.md §4.1).
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "unk_token": tok.unk_token,
             },

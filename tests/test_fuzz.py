@@ -2,7 +2,7 @@
 
 Random image sizes (2x2 up, ordinary, extreme aspect ratios up to 1:1500), image modes, 0-4 images, num_crops
 1..16, random texts (unicode, whitespace, special tokens, text that looks like a tag but is not one). Every valid
-case is checked against the specification computed here on its own (PHI3V_SPEC 3: HD size and token count; 4.1: the
+case is checked against the specification computed here on its own (docs/DESIGN.md §3: HD size and token count; 4.1: the
 raw tokenizer.json pipeline; 4.2: the chat template; 4.3: every text chunk with its BOS, tag k as -k once per image
 token; 4.4: labels on the answers only) — layout, run lengths and signs, padding, masks, pixel_values and
 image_sizes shapes. Every invalid case must raise ValueError (BadSampleError through the dataset) with its
@@ -46,7 +46,7 @@ MODES = ["RGB"] * 6 + ["L", "RGBA", "LA", "P", "PA", "CMYK", "I", "F", "1", "I;1
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """The raw tokenizer.json pipeline (spec 4.1), independent of the processor's tokenizer object."""
+    """The raw tokenizer.json pipeline (docs/DESIGN.md §4.1), independent of the processor's tokenizer object."""
     return Tokenizer.from_file(PACKAGED_TOKENIZER)
 
 
@@ -61,7 +61,7 @@ def one_thread():
 
 # ------------------------------------------------------------------------------------------------ the spec
 def spec_hd_size(width, height, num_crops):
-    """(h, w) of the padded HD image (spec 3, steps 2-5, numbers only; new_h clamped to >= 1, our deviation)."""
+    """(h, w) of the padded HD image (docs/DESIGN.md §3, steps 2-5, numbers only; new_h >= 1, our deviation)."""
     transposed = width < height
     long_side, short_side = (height, width) if transposed else (width, height)
     ratio = long_side / short_side
@@ -80,7 +80,7 @@ def spec_tokens(width, height, num_crops):
 
 
 def spec_layout(tokenizer, text, counts, first=1):
-    """Spec 4.3: every chunk between tags encoded with its BOS; tag k becomes -k, counts[k - first] times."""
+    """docs/DESIGN.md §4.3: every chunk between tags encoded with its BOS; tag k becomes -k, counts[k - first] times."""
     chunks = re.split(r"<\|image_\d+\|>", text)
     assert len(chunks) == len(counts) + 1
     ids = tokenizer.encode(chunks[0]).ids
@@ -90,13 +90,13 @@ def spec_layout(tokenizer, text, counts, first=1):
 
 
 def render(messages):
-    """Spec 4.2's chat template with add_generation_prompt."""
+    """The chat template of docs/DESIGN.md §4.2, with add_generation_prompt."""
     return "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages) + "<|assistant|>\n"
 
 
 def spec_example(tokenizer, messages, counts):
-    """Spec 4.4 over several turns: each answer after the prompt of the messages before it (a later prompt without
-    its BOS), labels -100 but on the answers, which end <|end|>\\n<|endoftext|>."""
+    """docs/DESIGN.md §4.4, several turns: each answer after the prompt of the messages before it (a later prompt
+    without its BOS), labels -100 but on the answers, which end <|end|>\\n<|endoftext|>."""
     ids, labels, pending, next_image = [], [], [], 1
     for message in messages:
         if message["role"] != "assistant":
@@ -353,7 +353,7 @@ def wrong_numbers(rng, num_images):
 
 
 def processor_error(numbers, num_images):
-    """The processor's message for a prompt with these tag numbers (spec 4.3: 1..n in order, n == images)."""
+    """The processor's message for a prompt with these tag numbers (docs/DESIGN.md §4.3: 1..n in order, n == images)."""
     if numbers != list(range(1, len(numbers) + 1)):
         return f"image tags must be <|image_1|>, <|image_2|>, ... in order, each once; found {tag_list(numbers)}"
     return f"the prompt has {len(numbers)} image tag(s) but {num_images} image(s) were given"

@@ -1,4 +1,4 @@
-"""Phi3VImageProcessor / Phi3VProcessor against the worked examples of PHI3V_SPEC sections 3 and 4."""
+"""Phi3VImageProcessor / Phi3VProcessor against the worked examples of docs/DESIGN.md §3 and §4."""
 
 import os
 import shutil
@@ -15,7 +15,7 @@ from phi3v.processing import check_image_tags, packaged_processor
 
 from conftest import OFFICIAL
 
-# (width, height, num_crops) -> (hd height, hd width, tokens): spec section 3's table.
+# (width, height, num_crops) -> (hd height, hd width, tokens): the table of docs/DESIGN.md §3.
 WORKED_EXAMPLES = [
     (500, 500, 4, 672, 672, 757),
     (500, 500, 16, 1344, 1344, 2509),
@@ -48,7 +48,7 @@ def test_worked_examples_sizes_and_pixels(image_processor, width, height, num_cr
 
 
 def reference_hd(image: Image.Image, num_crops: int) -> torch.Tensor:
-    """Spec section 3 step by step, with torchvision's resize and pad as the reference code uses them."""
+    """docs/DESIGN.md §3 step by step, with torchvision's resize and pad as the reference code uses them."""
     width, height = image.size
     transposed = width < height
     if transposed:
