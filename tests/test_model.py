@@ -41,7 +41,7 @@ def batch(processor):
 
 
 def official_tensor_shapes(num_layers=32, num_vision_layers=24) -> dict:
-    """Every tensor of the official checkpoint with its shape (PHI3V_SPEC 1.2)."""
+    """Every tensor of the official checkpoint with its shape (docs/DESIGN.md §1.2)."""
     shapes = {"model.embed_tokens.weight": (32064, 3072), "model.norm.weight": (3072,), "lm_head.weight": (32064, 3072)}
     for i in range(num_layers):
         p = f"model.layers.{i}."
@@ -108,13 +108,13 @@ def test_official_config_reads_as_is():
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         _, mscale = ROPE_INIT_FUNCTIONS["longrope"](config)
-        assert mscale == pytest.approx(1.1902380714238083, abs=1e-15)  # sqrt(1 + ln 32 / ln 4096), spec 6
+        assert mscale == pytest.approx(1.1902380714238083, abs=1e-15)  # sqrt(1 + ln 32 / ln 4096), docs/DESIGN.md §6
 
 
 def test_tiny_checkpoint_uses_official_names(tiny_checkpoint):
     with safe_open(os.path.join(tiny_checkpoint, "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert len(keys) == 15 + (7 + 16 * 2) + 6 == 60  # spec 7: LM 3 + 6 * layers, CLIP 7 + 16 * layers, extras 6
+    assert len(keys) == 15 + (7 + 16 * 2) + 6 == 60  # docs/DESIGN.md §7: LM 3 + 6/layer, CLIP 7 + 16/layer, extras 6
     assert "model.vision_embed_tokens.img_processor.vision_model.post_layernorm.weight" in keys
     assert "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.1.mlp.fc2.bias" in keys
     with open(os.path.join(tiny_checkpoint, "config.json")) as f:  # official form (tests/test_official_files.py)
