@@ -1,10 +1,10 @@
 """Phi3VConfig: the official `config.json` of Phi-3(.5)-vision, read as it is, on top of transformers' Phi3Config.
 
-What the official file needs beyond Phi3Config (PHI3V_SPEC sections 2 and 6):
+What the official file needs beyond Phi3Config (docs/DESIGN.md §2 and §6):
 - `rope_scaling: {"type": "su", short_factor, long_factor}` is LongRoPE. transformers 5 rejects that dict as it
   is (it wants `original_max_position_embeddings` inside), so it is translated to `rope_parameters`.
 - `embd_layer` and `img_processor` describe the image embedding; `img_processor.vision_config` (our extension,
-  spec section 7) shrinks the CLIP tower for tiny test checkpoints.
+  docs/DESIGN.md §7) shrinks the CLIP tower for tiny test checkpoints.
 - `_attn_implementation: "flash_attention_2"` is baked into the file; it is a property of the machine, not of the
   checkpoint, so it is dropped here and chosen at load time (sdpa by default).
 - `auto_map` (the remote code) is never followed. Only which repository it names is kept, so that a saved
@@ -20,7 +20,7 @@ from phi3v.official import code_repo_in_auto_map, is_hub_id, official_file, poin
 logger = logging.getLogger(__name__)
 
 
-# The CLIP ViT-L/14-336 tower that the remote code hard-codes (spec 2.4). Never downloaded.
+# The CLIP ViT-L/14-336 tower that the remote code hard-codes (docs/DESIGN.md §2.4). Never downloaded.
 CLIP_VIT_L_336 = dict(
     hidden_size=1024,
     intermediate_size=4096,

@@ -1,4 +1,4 @@
-"""Phi3VImageProcessor: the HD transform of Phi-3(.5)-vision (PHI3V_SPEC section 3).
+"""Phi3VImageProcessor: the HD transform of Phi-3(.5)-vision (docs/DESIGN.md §3).
 
 Each image becomes a global 336x336 view plus up to `num_crops` 336x336 crops of a resized, white-padded copy,
 so that `pixel_values` is [num_images, num_crops + 1, 3, 336, 336] (unused crop slots are zeros) and
@@ -40,7 +40,7 @@ _memory_reuse = None  # None: not tried yet in this process; then whether it app
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of a PIL image in any mode; transparency is composited onto white (spec 3, step 1)."""
+    """RGB version of a PIL image in any mode; transparency is composited onto white (docs/DESIGN.md §3, step 1)."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I"):
@@ -110,7 +110,7 @@ class Phi3VImageProcessor:
 
     # ---------------------------------------------------------------- sizes and token counts (numbers only)
     def hd_size(self, width: int, height: int, num_crops: int | None = None) -> tuple[int, int]:
-        """(height, width) of the padded HD image for an input of `width` x `height` (spec 3, steps 2-5)."""
+        """(height, width) of the padded HD image for an input of `width` x `height` (docs/DESIGN.md §3, steps 2-5)."""
         num_crops = self.num_crops if num_crops is None else _check_num_crops(num_crops)
         transposed = width < height  # portrait images are planned as landscape, then transposed back
         long_side, short_side = (height, width) if transposed else (width, height)
@@ -141,7 +141,7 @@ class Phi3VImageProcessor:
     def hd_transform(self, image: Image.Image, num_crops: int) -> torch.Tensor:
         """Resize and white-pad one RGB image to the HD grid; returns the normalised [3, H, W] float tensor."""
         transposed = image.width < image.height
-        if transposed:  # process portrait images as landscape, then transpose back (spec 3, step 2)
+        if transposed:  # process portrait images as landscape, then transpose back (docs/DESIGN.md §3, step 2)
             image = image.transpose(Image.Transpose.TRANSPOSE)
         new_w, new_h, padded_h = self._landscape_plan(image.width, image.height, num_crops)
         resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)  # = torchvision's resize on PIL
