@@ -108,8 +108,8 @@ class TaskRecipeArguments(RecipeArguments):
     )
     lora_exclude_lm_head: bool = field(
         default=False,
-        metadata={"help": "leave lm_head out of LoRA (the original recipe adapts it; its adapter then also stores "
-                          "the embedding and lm_head tables)"},
+        metadata={"help": "leave lm_head out of LoRA (the original recipe adapts it; PEFT then also stores lm_head's "
+                          "base weight in the adapter, ~200 MB in bf16)"},
     )
 
     def __post_init__(self):

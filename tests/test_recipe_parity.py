@@ -159,3 +159,42 @@ def test_custom_recipe_keeps_its_own_flags(tmp_path):
         custom.parse(["--data_path", "x.json", "--output_dir", str(tmp_path), "--freeze_clip_only"])
     args, task, _ = custom.parse(["--data_path", "x.json", "--output_dir", str(tmp_path), "--freeze_vision_model"])
     assert task.freeze_vision_tower and not hasattr(args, "freeze_clip_only")
+
+
+def test_full_size_counts_follow_the_original_rules():
+    """The full-size model (meta device), counted by hand from the original's rules. 592 tensors: CLIP 391 (3
+    embeddings, pre_layrnorm 2, 24 layers x 16, post_layernorm 2), projector and separators 6, language model 195
+    (embed_tokens, 32 layers x 6, norm, lm_head). The last CLIP layer (16) and post_layernorm (2) never run.
+    No decay (original): 24 x 6 CLIP biases + 24 x 4 LayerNorm tensors + pre/post_layrnorm 4 + 2 projector biases =
+    246 of 592; among the 574 tensors that get a gradient, 234 (the unused layer's 10 + post_layernorm's 2 go)."""
+    import torch
+
+    from phi3v import Phi3VConfig, Phi3VForCausalLM
+    from phi3v.model_setup import apply_lora, freeze_vision_embedding, lora_target_modules
+    from phi3v.optim import decay_parameter_names, original_decay_parameter_names
+
+    config = Phi3VConfig.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "phi3v", "assets",
+                                                      "phi-3.5-vision-instruct"))
+
+    def fresh():
+        with torch.device("meta"):
+            return Phi3VForCausalLM(config)
+
+    def counts(model, rule=original_decay_parameter_names):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        decayed = trainable & rule(model)
+        return len(trainable), len(decayed), len(trainable - decayed)
+
+    model = fresh()
+    assert len(dict(model.named_parameters())) == 592
+    assert len(original_decay_parameter_names(model)) == 346  # the original's decayed set, all 592 trainable
+    assert counts(model) == (574, 340, 234)
+    assert counts(model, decay_parameter_names) == (574, 275, 299)  # --exempt_norms_from_decay: 65 RMSNorm weights
+    model = fresh()
+    freeze_vision_embedding(model)
+    assert counts(model) == (32 * 6 + 2, 194, 0)
+    for kwargs, modules in (({"vision": True, "lm_head": True}, 32 * 4 + 1 + 23 * 6 + 2),
+                            ({"vision": False, "lm_head": True}, 32 * 4 + 1)):
+        model = fresh()
+        peft_model = apply_lora(model, 64, 128, 0.0, lora_target_modules(model, **kwargs))
+        assert counts(peft_model) == (2 * modules, 2 * modules, 0)
