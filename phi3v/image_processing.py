@@ -20,6 +20,7 @@ from transformers.feature_extraction_utils import BatchFeature
 
 from phi3v.official import (
     PHI3_VISION_128K,
+    base_of_model_folder,
     code_repo_in_auto_map,
     code_repo_of_source,
     official_file,
@@ -97,6 +98,7 @@ class Phi3VImageProcessor:
         self.auto_map = dict(auto_map) if isinstance(auto_map, dict) else None
         # The repository whose remote code saved files point at (phi3v.official); from_pretrained records it.
         self.code_repo = code_repo_in_auto_map(self.auto_map) or None
+        self.model_folder_base = None  # (base, repository) of a model folder read with this file, see official_base
         self.num_crops = _check_num_crops(num_crops)
         self.num_img_tokens = num_img_tokens
         self.image_mean = list(image_mean)
@@ -202,6 +204,8 @@ class Phi3VImageProcessor:
 
         The base: named by the recorded repository, else told by the file read (Phi-3-vision-128k's auto_map names
         image_processing_phi3_v, Phi-3.5-vision's processing_phi3_v), else Phi-3.5-vision (phi3v.official)."""
+        if self.code_repo is None and self.auto_map is None and self.model_folder_base is not None:
+            return self.model_folder_base  # the file names no remote code: as the model's config.json beside it
         base = recognise_base(self.code_repo)
         if base != self.code_repo:  # not named by the repository: told by the file read
             module = str((self.auto_map or {}).get("AutoImageProcessor", "")).split("--")[-1]
@@ -245,6 +249,8 @@ class Phi3VImageProcessor:
             config["num_crops"] = num_crops
         processor = cls(**config)
         processor.code_repo = code_repo_of_source(config.get("auto_map"), path_or_hub_id)
+        if os.path.isdir(path_or_hub_id):
+            processor.model_folder_base = base_of_model_folder(path_or_hub_id)
         return processor
 
 

@@ -14,7 +14,8 @@ project writes them in that form, whatever transformers version runs here:
 Which repository: the one the loaded files named (an `auto_map` entry "<repo>--..." of a folder this project
 wrote), else the hub id the model was loaded from when its files carried the remote code ("microsoft/..."), else the
 official repository of the base recognised from its config (`sliding_window`: 262144 for Phi-3.5-vision, 131072 for
-Phi-3-vision-128k; Phi-3.5-vision when neither). The native loader (phi3v) reads all of these forms.
+Phi-3-vision-128k; Phi-3.5-vision when neither). A processor whose preprocessor_config.json names no remote code
+follows the config.json beside it. The native loader (phi3v) reads all of these forms.
 """
 
 import json
@@ -81,6 +82,22 @@ def recognise_base(code_repo: str | None = None, sliding_window=None) -> str:
     if code_repo in _ASSET_FOLDERS:
         return code_repo
     return _SLIDING_WINDOWS.get(sliding_window, DEFAULT_BASE)
+
+
+def base_of_model_folder(folder) -> tuple[str, str] | None:
+    """(base, repository) that the config.json of a local model folder points at (see the module docstring), or
+    None when the folder has none: for a processor whose own file names no remote code."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    repo = code_repo_in_auto_map(config.get("auto_map")) or None
+    base = recognise_base(repo, config.get("sliding_window"))
+    return base, repo or base
 
 
 def pointing_at(auto_map: dict, repo: str) -> dict:

@@ -233,3 +233,22 @@ def test_native_auto_classes_read_a_saved_folder_without_remote_code(tiny_checkp
     assert isinstance(AutoConfig.from_pretrained(folder), Phi3VConfig)
     assert isinstance(AutoModelForCausalLM.from_pretrained(folder), Phi3VForCausalLM)
     assert isinstance(AutoProcessor.from_pretrained(folder), Phi3VProcessor)
+
+
+def test_processor_of_a_folder_without_remote_code_follows_the_models_config(tmp_path):
+    """A folder saved before (no auto_map anywhere) of a Phi-3-vision-128k model: the processor files are re-saved
+    for the same base as config.json, not for the default one."""
+    folder = tiny_base_folder(tmp_path / "old", PHI3)
+    for name in ("config.json", "preprocessor_config.json"):
+        data = read(folder, name)
+        data.pop("auto_map")
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(data, f)
+    processor = Phi3VProcessor.from_pretrained(folder)
+    assert processor.image_processor.official_base() == (PHI3, PHI3)
+    processor.save_pretrained(tmp_path / "new")
+    Phi3VConfig.from_pretrained(folder).save_pretrained(tmp_path / "new")
+    config = read(tmp_path / "new", "config.json")
+    assert config["auto_map"] == CONFIG_AUTO_MAP[PHI3]
+    assert read(tmp_path / "new", "preprocessor_config.json")["auto_map"] == PREPROCESSOR_AUTO_MAP[PHI3]
+    assert read(tmp_path / "new", "processor_config.json") == PROCESSOR_CONFIG[PHI3]
