@@ -303,6 +303,7 @@ def convert(video_dir, out_dir, num_frames=8, num_workers=None, strict=False, pr
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Convert UCF101 videos ({split}/{ClassName}/{video}) to JPEG frames + ucf101_{split}.jsonl.",
+        allow_abbrev=False,
     )
     parser.add_argument("--out_dir", required=True, help="output folder (images/ and ucf101_{split}.jsonl)")
     source = parser.add_mutually_exclusive_group()

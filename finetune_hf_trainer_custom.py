@@ -48,7 +48,7 @@ from phi3v.dataset import SFTDataset
 from phi3v.errors import InputError, one_line
 from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls
-from phi3v.model_setup import apply_lora, check_adapter_fits, load_model, prepare_for_kbit_training
+from phi3v.model_setup import adapter_tensor_shapes, apply_lora, load_model, prepare_for_kbit_training
 from phi3v.optim import add_learning_rate_logging, build_optimizer
 from phi3v.sources import take
 from phi3v.training import (
@@ -286,8 +286,10 @@ def fully_trained_with_lora(task) -> list[str]:
     folder keeps them (and merging and loading the adapter bring them back)."""
     if not task.lora_enable or task.vision_lora:
         return []
-    return (["vision_model"] if not task.freeze_vision_tower else []) + (["img_projection"] if task.tune_img_projector
-                                                                          else [])
+    vision = ["model.vision_embed_tokens.img_processor.vision_model"] if not task.freeze_vision_tower else []
+    # the projector's two linear layers one by one: the image embedding indexes its nn.Sequential
+    projector = [f"model.vision_embed_tokens.img_projection.{i}" for i in (0, 2)] if task.tune_img_projector else []
+    return vision + projector
 
 
 def set_trainable(model, task) -> None:
@@ -298,30 +300,39 @@ def set_trainable(model, task) -> None:
     if not task.lora_enable:
         wanted = {"vision": not task.freeze_vision_tower, "projector": task.tune_img_projector,
                   "language": not task.freeze_llm, "separator": True}
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(wanted[part_of(name)])
+    elif not task.vision_lora:  # configure_vision_tower runs after PEFT: frozen parts lose --lora_bias's biases too
+        wanted = {"vision": False} if task.freeze_vision_tower else {}
+        wanted.update({"projector": False} if not task.tune_img_projector else {})
+    else:
+        wanted = {}
+    for name, parameter in model.named_parameters():
+        part = part_of(name)
+        if part in wanted:
+            parameter.requires_grad_(wanted[part])
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.model.vision_embed_tokens.freeze_unused_layers()
 
 
 def load_lora_weights(model, adapter_dir) -> None:
-    """--lora_weight_path: the adapters start from a saved adapter's weights (same targets and rank, else refused)."""
+    """--lora_weight_path: the adapters (and the parts a LoRA run trains fully) start from a saved adapter folder's
+    weights; refused, naming the first tensor, unless it holds exactly this run's tensors with the same shapes."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     try:
-        check_adapter_fits(model.get_base_model(), adapter_dir)
-    except (FileNotFoundError, ValueError) as error:
+        found = adapter_tensor_shapes(adapter_dir)  # safetensors header, or tensors only (weights_only)
+    except ValueError as error:
         fail(f"--lora_weight_path: {one_line(error)}")
-    state = load_peft_weights(adapter_dir, device="cpu")
-    own = {name.replace(".default", ""): tuple(p.shape) for name, p in model.named_parameters() if ".lora_" in name}
-    differ = [k for k, v in state.items() if ".lora_" in k and own.get(k) not in (None, tuple(v.shape))]
-    missing = sorted(set(own) - set(state))
-    if differ or missing:
-        key = differ[0] if differ else missing[0]
-        fail(f"--lora_weight_path {adapter_dir}: its adapters do not match this run's LoRA settings (targets, rank), "
-             f"first {key}: {tuple(state[key].shape) if key in state else 'absent'} there, {own[key]} here")
-    set_peft_model_state_dict(model, state)
+    own = {name.replace(".default", "").replace(".modules_to_save", ""): tuple(p.shape)
+           for name, p in model.named_parameters() if ".lora_" in name or ".modules_to_save." in name}
+    problems = [(key, found.get(key), shape) for key, shape in own.items() if found.get(key) != shape]
+    problems += [(key, shape, None) for key, shape in found.items() if key not in own]
+    if problems:
+        key, there, here = problems[0]
+        fail(f"--lora_weight_path {adapter_dir}: its adapter does not match this run's LoRA settings (targets, rank, "
+             f"--vision_lora, --freeze_vision_tower, --tune_img_projector), first {key}: "
+             f"{there if there is not None else 'absent'} there, {here if here is not None else 'absent'} here")
+    set_peft_model_state_dict(model, load_peft_weights(adapter_dir, device="cpu"))
     logger.info("LoRA adapters start from %s", adapter_dir)
 
 
@@ -329,7 +340,7 @@ def build_model(args, task, training_args):
     """The model with exactly the parts to train left trainable (see set_trainable)."""
     start_deepspeed_comm_for_zero3(training_args)
     # As 2U1: a quantized base keeps the CLIP tower and the projector unquantized (they may train fully).
-    skip = ("lm_head", "img_projection", "vision_model")
+    skip = ("lm_head", "model.vision_embed_tokens.img_projection", "model.vision_embed_tokens.img_processor")
     model = load_model(args.model_name_or_path, dtype=model_dtype(training_args),
                        use_flash_attention=args.use_flash_attention, bits=task.bits, quant_type=task.quant_type,
                        double_quant=task.double_quant, skip_modules=skip, cache_dir=task.cache_dir)

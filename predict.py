@@ -19,9 +19,10 @@ Generation is greedy and stops at the end of the assistant turn.
 import argparse
 import json
 import os
+import re
 import sys
 
-from phi3v.data import load_records, open_image
+from phi3v.data import LLAVA_IMAGE_TAG, check_media, load_records, open_image
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import generate_answers
 # Loading, prompt building and generation: one path shared with serve.py (the chat page).
@@ -40,7 +41,8 @@ from phi3v.metrics import accuracy, mean_anls
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", "--model_name_or_path", dest="model", default="microsoft/Phi-3.5-vision-instruct",
                         help="fine-tuned output folder (full model or LoRA adapter), merged model, or base model")
     parser.add_argument("--base_model", help="base model of a LoRA adapter (default: the adapter's own record of it)")
@@ -84,14 +86,27 @@ def read_images(args) -> list:
     return [open_image(path, "--image") for path in args.image]
 
 
+def llava_tags(prompt) -> str:
+    """LLaVA's <image> tags (as in the training data) -> <|image_1|>, <|image_2|>, ... in order."""
+    count = iter(range(1, prompt.count(LLAVA_IMAGE_TAG) + 1))
+    return re.sub(re.escape(LLAVA_IMAGE_TAG), lambda _: f"<|image_{next(count)}|>", prompt)
+
+
 def stream_answer(model, processor, images, args) -> str:
     """The greedy answer to --prompt about `images`, streamed to stdout as it is generated."""
-    messages = conversation([(args.prompt, len(images), None)], args.system)
+    messages = conversation([(llava_tags(args.prompt), len(images), None)], args.system)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_crops=args.num_crops)
     return answer(model, processor, messages, images, settings, text_streamer(processor))
 
 
 # ------------------------------------------------------------------------------------------------ a data file
+def read_records(args) -> list[dict]:
+    """The --jsonl records (media paths relative to --image_folder, default images/ beside the file, for LLaVA
+    JSON as for the project's jsonl), their image and video files checked before the model loads."""
+    folder = args.image_folder or os.path.join(os.path.dirname(os.path.abspath(args.jsonl)), "images")
+    return check_media(load_records(args.jsonl, folder))
+
+
 def _norm(text) -> str:
     return " ".join(text.strip().strip(".").lower().split())
 
@@ -132,7 +147,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     try:  # bad inputs and model folders fail here, before any generation, with a one-line error
-        inputs = load_records(args.jsonl, args.image_folder) if args.jsonl else read_images(args)
+        inputs = read_records(args) if args.jsonl else read_images(args)
         model, processor = load_for_inference(args.model, args.base_model, dtype, device, args.use_flash_attention)
     except (FileNotFoundError, ValueError) as error:  # BadSampleError and VideoError are ValueErrors
         sys.exit(f"predict.py: {error}")

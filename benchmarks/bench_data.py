@@ -293,7 +293,8 @@ def format_table(report: dict) -> str:
 
 
 def parse_cli(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--small", action="store_true", help="6 samples, workers 0 and the default: a quick check")
     parser.add_argument("--samples", type=int, default=None, help="samples in the data set (default 48; 6 with --small)")
     parser.add_argument("--workers", default=None,

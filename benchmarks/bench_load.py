@@ -68,7 +68,8 @@ print(json.dumps({{"seconds": seconds, "peak_rss_gb": resource.getrusage(resourc
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--dir", default="/tmp/phi3v-full-random")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()

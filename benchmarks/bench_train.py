@@ -449,7 +449,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_cli(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--small", action="store_true", help="the tiny test model (CPU-sized), not the full size")
     parser.add_argument("--strategies", default=None,
                         help="comma-separated, of full,frozen,lora,qlora (default: all)")

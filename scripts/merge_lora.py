@@ -44,7 +44,8 @@ def merge(adapter_dir: str, output_dir: str, base_model: str | None = None, dtyp
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--adapter_dir", required=True, help="folder with adapter_config.json (a LoRA run's output)")
     parser.add_argument("--output_dir", required=True, help="where the merged model goes")
     parser.add_argument("--base_model", default=None, help="default: base_model_name_or_path of the adapter config")

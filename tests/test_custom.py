@@ -217,7 +217,8 @@ def test_default_lora_targets_language_only(work):
     # adapter as PEFT's modules_to_save
     saved = {n.split(".modules_to_save.")[0].removeprefix("base_model.model.") for n, p in model.named_parameters()
              if ".modules_to_save." in n and p.requires_grad}
-    assert saved == {"model.vision_embed_tokens.img_projection", "model.vision_embed_tokens.img_processor.vision_model"}
+    assert saved == {"model.vision_embed_tokens.img_projection.0", "model.vision_embed_tokens.img_projection.2",
+                     "model.vision_embed_tokens.img_processor.vision_model"}
     args, task, _ = parse(work, "--lora_enable")
     assert (args.lora_rank, task.lora_alpha, args.lora_dropout, args.num_crops) == (128, 256, 0.05, 1)
 
