@@ -81,7 +81,8 @@ def write_tiny_checkpoint(path, num_crops: int = 4, seed: int = 0, **config_over
 def main():
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a tiny random Phi-3-V checkpoint (official layout).")
+    parser = argparse.ArgumentParser(description="Write a tiny random Phi-3-V checkpoint (official layout).",
+                                     allow_abbrev=False)
     parser.add_argument("out_dir")
     parser.add_argument("--num_crops", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
