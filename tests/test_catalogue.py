@@ -17,6 +17,10 @@ Where each entry is tested (CATALOGUE below; test_the_catalogue_names_existing_t
 | model folder: no weights / mismatched config | test_model: test_model_folder_without_weights_or_with_a_mismatched_config; test_predict: test_folder_without_weights_errors_clearly |
 | LoRA adapter of another base model | test_adapters |
 | untrusted files: safetensors or weights_only | test_adapters: test_pickled_adapter_loads_weights_only; here: test_no_unsafe_deserialisation_in_the_project |
+| data path is a folder, one JSON object, trailing comma | test_flags: test_data_path_errors_are_one_line, test_one_json_object_is_one_record |
+| bad media file found before the model loads | test_flags: test_bad_media_is_found_before_the_model_loads; test_custom: test_bad_input_is_a_one_line_error |
+| bad flag (unknown, misspelled, refused combination) | test_flags: test_no_abbreviations_lora_alpha_in_task_recipes, test_custom_flag_errors, test_2u1_refusals_are_one_line, test_lora_with_nothing_to_wrap_names_the_flags |
+| split too small for the recipe's evaluation split | test_flags: test_500_rows_or_fewer_says_the_first_500_are_the_evaluation_split |
 | nothing already written is lost | here: test_bad_sample_mid_run_keeps_the_checkpoints_and_resumes_with_skip; test_reliability: test_check_output_dir, test_resume_auto_after_sigkill_at_a_random_step_and_during_a_save; test_adapters: test_predict_and_merge_lora_refuse_in_one_line_and_write_nothing |
 """
 
@@ -60,6 +64,12 @@ CATALOGUE = {
                          "test_predict_and_merge_lora_refuse_in_one_line_and_write_nothing",
                          "test_pickled_adapter_loads_weights_only"],
     "test_reliability.py": ["test_check_output_dir", "test_resume_auto_after_sigkill_at_a_random_step_and_during_a_save"],
+    "test_flags.py": ["test_data_path_errors_are_one_line", "test_one_json_object_is_one_record",
+                      "test_bad_media_is_found_before_the_model_loads", "test_no_abbreviations_lora_alpha_in_task_recipes",
+                      "test_custom_flag_errors", "test_2u1_refusals_are_one_line",
+                      "test_lora_with_nothing_to_wrap_names_the_flags",
+                      "test_500_rows_or_fewer_says_the_first_500_are_the_evaluation_split"],
+    "test_custom.py": ["test_bad_input_is_a_one_line_error"],
     "test_fuzz.py": ["test_processor_refuses_invalid_inputs_with_documented_messages",
                      "test_collator_and_dataset_refuse_invalid_conversations_with_documented_messages"],
 }
