@@ -46,7 +46,9 @@ class RecipeArguments:
     wd: float = field(default=0.01, metadata={"help": "weight decay"})
     no_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
     lora_rank: int = field(default=64)
-    lora_alpha_ratio: float = field(default=2.0, metadata={"help": "LoRA alpha = rank x this"})
+    lora_alpha_ratio: float = field(
+        default=2.0, metadata={"help": "LoRA alpha = rank x this, rounded to a whole number (as the original recipe)"}
+    )
     lora_dropout: float = field(default=0.0)
     merge_lora: bool = field(default=False, metadata={"help": "also save a merged full model (LoRA runs)"})
     max_seq_length: int | None = field(default=None, metadata={"help": "refuse (or skip) longer samples"})

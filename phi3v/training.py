@@ -56,7 +56,7 @@ def model_for_training(args, training_args):
         model = apply_lora(
             model,
             rank=args.lora_rank,
-            alpha=args.lora_rank * args.lora_alpha_ratio,
+            alpha=round(args.lora_rank * args.lora_alpha_ratio),  # as the original's create_lora_config
             dropout=args.lora_dropout,
             target_modules=lora_target_modules(
                 model, vision=not frozen, projector=not frozen or args.freeze_clip_only,

@@ -141,6 +141,9 @@ def test_lora_layers_are_gaussian_initialised_with_the_original_rank_and_alpha(t
     lm_head = model.base_model.model.lm_head
     assert float(lm_head.lora_B["default"].weight.detach().abs().sum()) == 0.0  # B = 0: the model is unchanged
     assert float(lm_head.lora_A["default"].weight.detach().std()) == pytest.approx(1 / 8, rel=0.2)  # gaussian, 1/r
+    # alpha is round(rank x ratio), as create_lora_config: rank 4 x 0.3 gives alpha 1 (scaling 0.25, not 0.3)
+    args, _, training_args = parse_args(argv=argv[:-6] + ["--lora_rank", "4", "--lora_alpha_ratio", "0.3"])
+    assert model_for_training(args, training_args).peft_config["default"].lora_alpha == 1
 
 
 def test_lora_exclude_lm_head_without_lora_is_refused_in_one_line(tmp_path):
