@@ -406,7 +406,8 @@ def run(argv=None):
 
     # Train
     trainer = make_trainer(model, training_args, train_dataset, processor, optimizers=(optimizer, None),
-                           skip_nonfinite=args.skip_nonfinite_steps, packing=args.packing)
+                           skip_nonfinite=args.skip_nonfinite_steps, packing=args.packing,
+                           exempt_norms_from_decay=True)  # the Trainer's rule = build_optimizer's
     add_learning_rate_logging(trainer)
     if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
         return

@@ -186,7 +186,7 @@ def test_parameter_groups_get_their_learning_rates(work):
     assert id(params[clip + "encoder.layers.1.mlp.fc1.weight"]) not in group_of
 
     # the Trainer takes it as is, and decays exactly the parameters its own default optimizer would
-    trainer = make_trainer(model, training_args, [None], PAD, optimizers=(optimizer, None))
+    trainer = make_trainer(model, training_args, [None], PAD, optimizers=(optimizer, None), exempt_norms_from_decay=True)
     assert trainer.create_optimizer() is optimizer
     decayed = {n for n, p in model.named_parameters() if p.requires_grad and not group_of[id(p)].endswith("_no_decay")}
     assert decayed == {n for n in trainer.get_decay_parameter_names(model) if params[n].requires_grad}

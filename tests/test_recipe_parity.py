@@ -160,7 +160,12 @@ def test_custom_recipe_keeps_its_own_flags(tmp_path):
 
     with pytest.raises((InputError, SystemExit), match="--freeze_clip_only"):  # refused, in one line
         custom.parse(["--data_path", "x.json", "--output_dir", str(tmp_path), "--freeze_clip_only"])
-    args, task, _ = custom.parse(["--data_path", "x.json", "--output_dir", str(tmp_path), "--freeze_vision_model"])
+    # --freeze_vision_model means the original recipe's frozen set in the task recipes: refused here, naming the
+    # custom recipe's (2U1's) flag, rather than read as --freeze_vision_tower
+    with pytest.raises(SystemExit, match="--freeze_vision_model is a flag of the four task recipes.*"
+                                         "use --freeze_vision_tower"):
+        custom.parse(["--data_path", "x.json", "--output_dir", str(tmp_path), "--freeze_vision_model"])
+    args, task, _ = custom.parse(["--data_path", "x.json", "--output_dir", str(tmp_path), "--freeze_vision_tower"])
     assert task.freeze_vision_tower and not hasattr(args, "freeze_clip_only")
 
 
