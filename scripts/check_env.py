@@ -2,6 +2,7 @@
 
     python scripts/check_env.py                      # this environment against requirements.txt
     python scripts/check_env.py --requirements FILE  # against another pin file
+    python scripts/check_env.py --ignore_missing     # only the installed packages (scripts/check_upgrades.sh)
 
 Prints one line per package whose installed version differs from its pin (or that is missing) and exits 1 if
 there is any; prints the tested versions of the main libraries and exits 0 otherwise. Reads only package metadata:
@@ -43,28 +44,34 @@ def installed_versions() -> dict[str, str]:
     return {canonical(dist.metadata["Name"]): dist.version for dist in metadata.distributions()}
 
 
-def differences(pins: dict[str, str], installed: dict[str, str]) -> list[str]:
+def differences(pins: dict[str, str], installed: dict[str, str], ignore_missing: bool = False) -> list[str]:
     """One line per pinned package that is missing or at another version, in the order of the pin file."""
     lines = []
     for name, pinned in pins.items():
         found = installed.get(name)
         if found is None:
-            lines.append(f"{name}: not installed (tested: {pinned})")
+            if not ignore_missing:
+                lines.append(f"{name}: not installed (tested: {pinned})")
         elif found != pinned:
             lines.append(f"{name}: {found} installed, {pinned} tested")
     return lines
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--requirements", default=DEFAULT_REQUIREMENTS, help="pin file (default: requirements.txt)")
+    parser.add_argument(
+        "--ignore_missing", action="store_true", help="compare only the pinned packages that are installed"
+    )
     args = parser.parse_args(argv)
     try:
         pins = read_pins(args.requirements)
     except (OSError, ValueError) as error:
         print(f"check_env.py: {error}", file=sys.stderr)
         return 2
-    found = differences(pins, installed_versions())
+    found = differences(pins, installed_versions(), args.ignore_missing)
     if found:
         print(f"{len(found)} package(s) differ from the tested set ({os.path.normpath(args.requirements)}):")
         print("\n".join(f"  {line}" for line in found))

@@ -31,6 +31,7 @@ def test_differences_name_missing_and_other_versions_in_pin_order():
         "torch: 2.11.0 installed, 2.14.1 tested",
         "peft: not installed (tested: 0.21.2)",
     ]
+    assert check_env.differences(pins, installed, ignore_missing=True) == ["torch: 2.11.0 installed, 2.14.1 tested"]
 
 
 def test_this_environment_is_the_tested_set():
