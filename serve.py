@@ -34,7 +34,8 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpe
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", "--model_name_or_path", dest="model", default="microsoft/Phi-3.5-vision-instruct",
                         help="fine-tuned output folder (full model or LoRA adapter), merged model, checkpoint-N "
                              "folder, or base model")
