@@ -19,19 +19,19 @@ Generation is greedy and stops at the end of the assistant turn.
 import argparse
 import json
 import os
-import re
 import sys
 
-from phi3v.data import LLAVA_IMAGE_TAG, check_media, load_records, open_image
+from phi3v.data import check_media, load_records, open_image
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import generate_answers
-# Loading, prompt building and generation: one path shared with serve.py (the chat page).
-from phi3v.inference import (  # noqa: F401  (describe_model_folder, user_message: predict.X for callers)
+# Loading, prompt building (LLaVA <image> tags too) and generation: one path shared with serve.py (the chat page).
+from phi3v.inference import (  # noqa: F401  (describe_model_folder, llava_tags, user_message: predict.X for callers)
     DTYPES,
     GenerationSettings,
     answer,
     conversation,
     describe_model_folder,
+    llava_tags,
     load_for_inference,
     pick_device_and_dtype,
     text_streamer,
@@ -86,15 +86,9 @@ def read_images(args) -> list:
     return [open_image(path, "--image") for path in args.image]
 
 
-def llava_tags(prompt) -> str:
-    """LLaVA's <image> tags (as in the training data) -> <|image_1|>, <|image_2|>, ... in order."""
-    count = iter(range(1, prompt.count(LLAVA_IMAGE_TAG) + 1))
-    return re.sub(re.escape(LLAVA_IMAGE_TAG), lambda _: f"<|image_{next(count)}|>", prompt)
-
-
 def stream_answer(model, processor, images, args) -> str:
     """The greedy answer to --prompt about `images`, streamed to stdout as it is generated."""
-    messages = conversation([(llava_tags(args.prompt), len(images), None)], args.system)
+    messages = conversation([(args.prompt, len(images), None)], args.system)  # <image> tags: user_message
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_crops=args.num_crops)
     return answer(model, processor, messages, images, settings, text_streamer(processor))
 

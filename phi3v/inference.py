@@ -11,12 +11,13 @@ predict.py does for the same inputs and settings.
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from phi3v.data import IMAGE_TAG_RE
+from phi3v.data import IMAGE_TAG_RE, LLAVA_IMAGE_TAG
 from phi3v.model_setup import attention_implementation, load_adapter, recorded_base_model
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import STOP_TOKEN_IDS, Phi3VProcessor, image_tag_block
@@ -79,9 +80,16 @@ def load_for_inference(path, base_model=None, dtype=torch.float32, device="cpu",
 
 
 # ------------------------------------------------------------------------------------------------ the prompt
+def llava_tags(prompt, first=1) -> str:
+    """LLaVA's <image> tags (as in the training data) -> <|image_first|>, <|image_first+1|>, ... in order."""
+    count = iter(range(first, first + prompt.count(LLAVA_IMAGE_TAG)))
+    return re.sub(re.escape(LLAVA_IMAGE_TAG), lambda _: f"<|image_{next(count)}|>", prompt)
+
+
 def user_message(prompt, num_images, first=1) -> str:
-    """The prompt with one <|image_k|> tag line per image in front (k from `first`), unless it has tags already
-    (the processor then checks they match the images)."""
+    """The prompt with one <|image_k|> tag line per image in front (k from `first`), unless it has tags already,
+    <|image_k|> or LLaVA's <image> (the processor then checks they match the images)."""
+    prompt = llava_tags(prompt, first)
     if IMAGE_TAG_RE.search(prompt):
         return prompt
     return image_tag_block(range(first, first + num_images)) + prompt
@@ -139,9 +147,8 @@ def prepare_inputs(model, processor, messages, images, settings: GenerationSetti
     """
     settings.check()
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    limit = model_limit(model)
-    inputs = processor(prompt, list(images) or None, num_crops=settings.num_crops, max_length=limit)
-    length = inputs["input_ids"].shape[1]
+    inputs = processor(prompt, list(images) or None, num_crops=settings.num_crops)
+    length, limit = inputs["input_ids"].shape[1], model_limit(model)
     if length + settings.max_new_tokens > limit:
         raise ValueError(
             f"the prompt is {length} tokens long (images included); with max_new_tokens {settings.max_new_tokens} "
