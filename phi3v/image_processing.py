@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers.feature_extraction_utils import BatchFeature
+from transformers import BatchFeature
 
 from phi3v.official import (
     PHI3_VISION_128K,
@@ -28,7 +28,6 @@ from phi3v.official import (
     recognise_base,
     write_json,
 )
-
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -12,7 +12,8 @@ import re
 import torch
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_pt_utils import get_parameter_names
+
+from phi3v.compat import get_parameter_names
 
 # The patterns transformers' Trainer.get_decay_parameter_names uses (on lower-cased names), plus nn.LayerNorm modules.
 NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]

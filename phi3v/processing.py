@@ -14,8 +14,7 @@ import re
 import shutil
 
 import torch
-from transformers import PreTrainedTokenizerFast
-from transformers.feature_extraction_utils import BatchFeature
+from transformers import BatchFeature, PreTrainedTokenizerFast
 
 from phi3v.hub import resolve_file
 from phi3v.image_processing import Phi3VImageProcessor
