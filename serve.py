@@ -164,9 +164,10 @@ class Chat:
                                             precision=0).classes("w-full num-frames")
                 self.do_sample = ui.switch("sample (off: greedy)", value=False).classes("do-sample")
                 with ui.row().classes("w-full no-wrap"):
-                    self.temperature = ui.number("temperature", value=1.0, min=0.01, step=0.1).classes("w-1/3")
-                    self.top_p = ui.number("top_p", value=1.0, min=0.01, max=1.0, step=0.05).classes("w-1/3")
-                    self.top_k = ui.number("top_k", value=50, min=0, step=1, precision=0).classes("w-1/3")
+                    self.temperature = ui.number("temperature", value=1.0, min=0.01, step=0.1).classes(
+                        "w-1/3 temperature")
+                    self.top_p = ui.number("top_p", value=1.0, min=0.01, max=1.0, step=0.05).classes("w-1/3 top-p")
+                    self.top_k = ui.number("top_k", value=50, min=0, step=1, precision=0).classes("w-1/3 top-k")
                 for element in (self.temperature, self.top_p, self.top_k):
                     element.bind_enabled_from(self.do_sample, "value")
                 self.system = ui.textarea("system message", value=self.args.system).classes("w-full system")
