@@ -351,6 +351,16 @@ def test_flag_equals_value_is_the_same_flag(spelling):
         parse_args(argv=["--gradient_accumulation_steps=4", "--batch_size=32"])
 
 
+def test_missing_deepspeed_config_is_one_line():
+    from phi3v.arguments import DS_CONFIGS
+
+    with pytest.raises(InputError) as error:  # 2U1's scripts name their own scripts/zero3.json
+        parse_args(argv=["--deepspeed", "scripts/zero3.json"])
+    assert str(error.value) == (f"--deepspeed scripts/zero3.json: no such file; this project's configs are in "
+                                f"{DS_CONFIGS} (zero2.json, zero2_offload.json, zero3.json, zero3_offload.json), or "
+                                "--deepspeed none")
+
+
 def test_gradient_checkpointing_false_is_honoured(tmp_path):
     from phi3v.reporting import save_run_config
 
