@@ -36,7 +36,7 @@ import argparse
 import ast
 import logging
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -156,7 +156,9 @@ def parse(argv=None):
     except InputError as error:
         fail(error)
     for f in fields(args):
-        if f.name not in SHARED_FLAGS and getattr(args, f.name) != f.default:
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)
+        if f.name not in SHARED_FLAGS and getattr(args, f.name) != default:
             instead = f"; use {INSTEAD[f.name]}" if f.name in INSTEAD else ""
             fail(f"--{f.name} is a flag of the four task recipes, not of finetune_hf_trainer_custom.py{instead}")
 
