@@ -28,7 +28,7 @@ from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
 from phi3v.errors import exit_on_input_error
 from phi3v.checkpoints import prepare_resume
-from phi3v.data import load_records
+from phi3v.data import check_media, load_records
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
@@ -82,6 +82,9 @@ def main():
     images = os.path.join(task_args.data_dir, "images")
     train_rows = take(load_records(train_file, images, args.skip_bad_samples), 0, args.max_train_samples)
     eval_rows = take(load_records(eval_file, images, args.skip_bad_samples), 0, args.max_eval_samples)
+    # every frame file is looked at now, before the model loads (a bad one: its record and file, in one line)
+    train_rows = check_media(train_rows, args.skip_bad_samples)
+    eval_rows = check_media(eval_rows, args.skip_bad_samples)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     dataset_options = dict(processor=processor, num_crops=args.num_crops,
                            max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)

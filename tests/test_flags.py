@@ -531,3 +531,19 @@ def test_predict_prompt_with_a_llava_image_tag(tiny_checkpoint, tmp_path, capsys
     with pytest.raises(SystemExit) as error:  # abbreviations are off here too
         predict.parse_args(["--mod", tiny_checkpoint, "--prompt", "x"])
     assert error.value.code == 2 and "unrecognized arguments: --mod" in capsys.readouterr().err
+
+
+def test_ucf101_bad_frame_is_found_before_the_model_loads(tmp_path, monkeypatch):
+    from phi3v.synthetic import write_ucf101_folder
+
+    folder = write_ucf101_folder(str(tmp_path / "ucf101"), {"train": 2, "test": 1})
+    with open(os.path.join(folder, "ucf101_train.jsonl")) as f:
+        frame = json.loads(f.readline())["conversations"][0]["images"][0]
+    with open(os.path.join(folder, "images", frame), "w") as f:
+        f.write("not a jpeg")
+    # the model path does not exist: the run must stop at the data check, before it is read
+    text = run_task_script("finetune_hf_trainer_ucf101.py",
+                           ["--model_name_or_path", str(tmp_path / "no_model"), "--data_dir", folder,
+                            "--output_dir", str(tmp_path / "o"), *FAST], monkeypatch)
+    assert text == (f"error: {folder}/ucf101_train.jsonl:1: not an image file (or unsupported format): "
+                    f"{os.path.join(folder, 'images', frame)}")
