@@ -34,6 +34,7 @@ The launchers in scripts/ run the common set-ups.
 
 import argparse
 import ast
+import importlib.util
 import logging
 import sys
 from dataclasses import MISSING, dataclass, field, fields
@@ -118,7 +119,9 @@ class CustomArguments:
     double_quant: bool = field(default=True, metadata={"help": "4-bit: double-quantize the quantization constants"})
     quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4"})
     cache_dir: str | None = field(default=None, metadata={"help": "where hub downloads of the model go"})
-    disable_flash_attn2: bool = field(default=False, metadata={"help": "SDPA attention (the default anyway)"})
+    disable_flash_attn2: bool = field(
+        default=False, metadata={"help": "SDPA attention instead of flash-attn 2 (which is used, as in 2U1, when it "
+                                         "is installed and a GPU is there)"})
     max_num_frames: int = field(default=10, metadata={"help": "frames sampled from each video"})
     lazy_preprocess: bool = field(
         default=False, metadata={"help": "accepted for the community recipe's scripts; changes nothing (samples are "
@@ -167,7 +170,7 @@ def parse(argv=None):
         if given and args.model_name_or_path != task.model_id:
             fail(f"--model_id {task.model_id} and --model_name_or_path {args.model_name_or_path} differ; give one")
         args.model_name_or_path = task.model_id
-    args.use_flash_attention = args.use_flash_attention and not task.disable_flash_attn2
+    args.use_flash_attention = flash_attention_wanted(task.disable_flash_attn2, args.use_flash_attention)
 
     if task.bits not in (16, 8, 4):
         fail(f"--bits must be 16, 8 or 4, got {task.bits}")
@@ -202,6 +205,13 @@ def parse(argv=None):
     args.use_lora = task.lora_enable
     args.use_qlora = task.bits < 16  # save_outputs: a quantized base is not merged in place
     return args, task, training_args
+
+
+def flash_attention_wanted(disable: bool, asked: bool) -> bool:
+    """2U1: flash attention unless --disable_flash_attn2; here when flash-attn is installed and a GPU is there (or
+    --use_flash_attention asks for it, which falls back to SDPA with a warning where it cannot run)."""
+    available = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return (asked or available) and not disable
 
 
 def parse_name_list(text) -> list[str]:

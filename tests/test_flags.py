@@ -547,3 +547,17 @@ def test_ucf101_bad_frame_is_found_before_the_model_loads(tmp_path, monkeypatch)
                             "--output_dir", str(tmp_path / "o"), *FAST], monkeypatch)
     assert text == (f"error: {folder}/ucf101_train.jsonl:1: not an image file (or unsupported format): "
                     f"{os.path.join(folder, 'images', frame)}")
+
+
+def test_flash_attention_follows_disable_flash_attn2(work, monkeypatch):
+    """2U1 uses flash attention unless --disable_flash_attn2: so does this recipe where flash-attn can run."""
+    import importlib.util
+
+    args, _, _ = custom_parse(work, *FAST)
+    assert args.use_flash_attention is (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else
+                        real_find_spec(name, *a))
+    assert custom.flash_attention_wanted(disable=False, asked=False) is True
+    assert custom.flash_attention_wanted(disable=True, asked=True) is False
