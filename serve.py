@@ -142,7 +142,8 @@ class Chat:
     def build(self):
         ui = self.ui
         ui.page_title("Phi-3-V chat")
-        ui.add_css(".phi3v-text { white-space: pre-wrap; word-break: break-word; }")
+        ui.add_css(".phi3v-text { white-space: pre-wrap; word-break: break-word; }"
+                   ".upload .q-uploader__subtitle { display: none; }")  # "0.0B / 0.00%": uploads are attached at once
         with ui.header().classes("items-center"):
             ui.label("Phi-3-V chat").classes("text-lg font-bold")
             ui.label("  |  ".join(slot.title for slot in self.slots)).classes("text-sm opacity-80")

@@ -264,6 +264,14 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(server, browser,
     page.drop(files["red.jpg"], files["blue.png"])
     page.ask("<|image_1|> Which one?", error="the prompt has 1 image tag(s) but 2 image(s) were given")
     page.ask("hello " * LIMIT, error=f"longer than the model's limit of {LIMIT} tokens")
+    # Over 1 MB of text (more than any Phi-3-V takes: 128k tokens) does not leave the browser: NiceGUI says so.
+    popup = page.driver.find_element(By.ID, "too_long_message_popup")
+    assert popup.get_attribute("aria-hidden") == "true"
+    box = page.driver.find_element(By.CSS_SELECTOR, ".question textarea")
+    page.driver.execute_script(
+        "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'));", box, "hello " * 200_000)
+    page.wait_for(lambda: popup.get_attribute("aria-hidden") == "false")
+    assert "too long" in popup.get_attribute("textContent").lower()
     assert not page.answers()  # nothing was asked of the models
 
     shown = page.ask("Which is red?")  # the two images are still attached; the server still answers
