@@ -21,7 +21,7 @@ Two input formats are accepted:
   text has no <|image_k|> tags gets one tag line per image of that turn prepended
   ("<|image_3|>\\n<|image_4|>\\n" + user, numbers continuing across turns); if it has tags they must
   be exactly that turn's numbers, in order.
-* LLaVA-style JSON (a list, or one record per line): {"id", "image" | "video", "conversations":
+* LLaVA-style JSON (a list, one record per line, or a file holding one record): {"id", "image" | "video", "conversations":
   [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}, paths relative to
   image_folder. <image> tags become <|image_k|>; a record with images but no <image> tag at all gets
   them prepended to its first user turn, as LLaVA tools do.
