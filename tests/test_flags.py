@@ -561,3 +561,15 @@ def test_flash_attention_follows_disable_flash_attn2(work, monkeypatch):
                         real_find_spec(name, *a))
     assert custom.flash_attention_wanted(disable=False, asked=False) is True
     assert custom.flash_attention_wanted(disable=True, asked=True) is False
+
+
+def test_lazy_preprocess_is_accepted_and_says_it_changes_nothing(work, monkeypatch, caplog):
+    def stop(*args):
+        raise RuntimeError("stop before the run")
+
+    monkeypatch.setattr(custom, "prepare_resume", stop)
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError, match="stop before the run"):
+        custom.run(["--model_id", work["model"], "--data_path", work["data"], "--output_dir",
+                    str(work["root"] / "lazy"), *FAST, "--lazy_preprocess", "True"])
+    assert ("--lazy_preprocess changes nothing here: samples are always read when the DataLoader asks"
+            in caplog.text)
