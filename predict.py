@@ -24,6 +24,7 @@ import sys
 from phi3v.data import check_media, load_records, open_image
 from phi3v.dataset import SFTDataset
 from phi3v.evaluation import generate_answers
+
 # Loading, prompt building (LLaVA <image> tags too) and generation: one path shared with serve.py (the chat page).
 from phi3v.inference import (  # noqa: F401  (describe_model_folder, llava_tags, user_message: predict.X for callers)
     DTYPES,
