@@ -11,14 +11,13 @@ LlamaTokenizer(Fast) under transformers 5 rebuilds Llama's pre-processing and ch
 import json
 import os
 import re
-import shutil
 
 import torch
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
 from phi3v.hub import resolve_file
 from phi3v.image_processing import Phi3VImageProcessor
-from phi3v.official import processor_config
+from phi3v.official import processor_config, write_json
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 IMAGE_TAG_SPLIT = re.compile(r"<\|image_\d+\|>")
@@ -29,7 +28,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{- '<|assistant|>\n' -}}"
     "{% endif %}"
 )
-END_OF_TURN = "<|end|>"  # 32007: what the chat model ends its answer with
 END_OF_TEXT = "<|endoftext|>"  # 32000: eos and pad
 # Stop at the chat model's end of turn: <|end|> (32007), sometimes followed by <|endoftext|> (docs/DESIGN.md §8).
 STOP_TOKEN_IDS = [32007, 32000]
@@ -229,10 +227,10 @@ class Phi3VProcessor:
         os.makedirs(save_directory, exist_ok=True)
         self.image_processor.save_pretrained(save_directory)
         base, repo = self.image_processor.official_base()
-        _write_json(os.path.join(save_directory, "processor_config.json"), processor_config(base, repo))
+        write_json(os.path.join(save_directory, "processor_config.json"), processor_config(base, repo))
         self.tokenizer.backend_tokenizer.save(os.path.join(save_directory, "tokenizer.json"))
         tok = self.tokenizer
-        _write_json(
+        write_json(
             os.path.join(save_directory, "tokenizer_config.json"),
             {
                 "add_bos_token": True,
@@ -251,25 +249,20 @@ class Phi3VProcessor:
                 "unk_token": tok.unk_token,
             },
         )
-        _write_json(
+        write_json(
             os.path.join(save_directory, "special_tokens_map.json"),
-            {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token, "unk_token": tok.unk_token},
+            {
+                "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token,
+                "unk_token": tok.unk_token,
+            },
         )
 
 
 def packaged_processor(num_crops: int = 4) -> Phi3VProcessor:
     """The official Phi-3.5-vision processor from the files shipped in this package (no download)."""
     return Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), load_tokenizer(PACKAGED_TOKENIZER))
-
-
-def copy_packaged_tokenizer(save_directory) -> None:
-    shutil.copyfile(PACKAGED_TOKENIZER, os.path.join(save_directory, "tokenizer.json"))
-
-
-def _write_json(path, data) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def as_id_list(ids) -> list[int]:

@@ -121,6 +121,15 @@ def test_token_ids_are_the_reference_ones(processor):
     assert len(tok) == 32045
 
 
+def test_decode_skips_image_slots_and_special_tokens_as_the_model_card_uses_it(processor):
+    # The official model card decodes with processor.batch_decode(generate_ids[:, prompt_length:], ...).
+    answer = [319, 6635, 29889, 32007, 29871, 13, 32000]  # "A cat.<|end|>\n<|endoftext|>"
+    with_slots = torch.tensor([[-1, -1, 5618, 338], [319, 6635, 29889, 32007]])
+    assert processor.decode(answer) == "A cat. \n"  # 29871 is the lone "▁" (a space) before the newline
+    assert processor.batch_decode(with_slots) == ["What is", "A cat."]
+    assert processor.batch_decode([answer], skip_special_tokens=False) == ["A cat.<|end|> \n<|endoftext|>"]
+
+
 def test_chat_template(processor):
     messages = [{"role": "user", "content": "<|image_1|>\nWhat is shown?"}]
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == (
