@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
-from phi3v.errors import InputError, exit_on_input_error
 from phi3v.checkpoints import prepare_resume
 from phi3v.dataset import SFTDataset
+from phi3v.errors import InputError, exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls
 from phi3v.sources import cauldron_record, is_record, load_split, take

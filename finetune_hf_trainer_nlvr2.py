@@ -14,9 +14,9 @@ import os
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
-from phi3v.errors import exit_on_input_error
 from phi3v.checkpoints import prepare_resume
 from phi3v.dataset import SFTDataset
+from phi3v.errors import exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
 from phi3v.sources import cauldron_record, load_split, take
@@ -54,7 +54,8 @@ def main():
     rows = load_split(DATASET, CONFIG, "train", args.dataset_path, args.skip_bad_samples)
     train_rows = take(rows, EVAL_SIZE, None if args.max_train_samples is None else EVAL_SIZE + args.max_train_samples,
                       note=f"the first {EVAL_SIZE} rows are the evaluation split and training takes the rest: give "
-                           f"more than {EVAL_SIZE} rows, or change EVAL_SIZE at the top of {os.path.basename(__file__)}")
+                           f"more than {EVAL_SIZE} rows, or change EVAL_SIZE at the top of "
+                           f"{os.path.basename(__file__)}")
     eval_rows = take(rows, 0, min(EVAL_SIZE, args.max_eval_samples or EVAL_SIZE))
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,

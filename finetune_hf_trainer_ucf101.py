@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
-from phi3v.errors import exit_on_input_error
 from phi3v.checkpoints import prepare_resume
 from phi3v.data import check_media, load_records
 from phi3v.dataset import SFTDataset
+from phi3v.errors import exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
 from phi3v.sources import take

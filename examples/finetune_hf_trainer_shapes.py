@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from phi3v import Phi3VProcessor  # noqa: E402
 from phi3v.arguments import parse_args  # noqa: E402
-from phi3v.errors import exit_on_input_error
 from phi3v.checkpoints import prepare_resume  # noqa: E402
 from phi3v.dataset import SFTDataset  # noqa: E402
+from phi3v.errors import exit_on_input_error
 from phi3v.evaluation import evaluate  # noqa: E402
 from phi3v.metrics import gold_choice_accuracy  # noqa: E402
 from phi3v.sources import load_split, take  # noqa: E402

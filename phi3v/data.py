@@ -21,8 +21,8 @@ Two input formats are accepted:
   text has no <|image_k|> tags gets one tag line per image of that turn prepended
   ("<|image_3|>\\n<|image_4|>\\n" + user, numbers continuing across turns); if it has tags they must
   be exactly that turn's numbers, in order.
-* LLaVA-style JSON (a list, one record per line, or a file holding one record): {"id", "image" | "video", "conversations":
-  [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}, paths relative to
+* LLaVA-style JSON (a list, one record per line, or a file holding one record): {"id", "image" | "video",
+  "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}, paths relative to
   image_folder. <image> tags become <|image_k|>; a record with images but no <image> tag at all gets
   them prepended to its first user turn, as LLaVA tools do.
 """
@@ -38,7 +38,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from phi3v.errors import InputError
 from phi3v.image_processing import to_rgb
-from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE, check_text, image_tag_block
+from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE
+from phi3v.processing import check_text, image_tag_block
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +392,9 @@ def _probe_image(path, source) -> None:
     except UnidentifiedImageError:
         raise BadSampleError(f"{source}: not an image file (or unsupported format): {name}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadSampleError(f"{source}: image too large, refused as a possible decompression bomb: {name} ({e})") from None
+        raise BadSampleError(
+            f"{source}: image too large, refused as a possible decompression bomb: {name} ({e})"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
     if width < 2 or height < 2:

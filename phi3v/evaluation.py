@@ -106,7 +106,9 @@ def _prompt_for(dataset, processor, index, real: bool, description: str) -> dict
     return {"prompt": prompt, "images": images, "item": item if real else None}
 
 
-def write_report(path: str, metric_name: str, metric: float, predictions: list[dict], extra: dict | None = None) -> dict:
+def write_report(
+    path: str, metric_name: str, metric: float, predictions: list[dict], extra: dict | None = None
+) -> dict:
     """eval_before.json / eval_after.json: the metric, how many samples, and every prediction."""
     report = {metric_name: metric, "num_samples": len(predictions), **(extra or {}), "predictions": predictions}
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -8,7 +8,9 @@ from phi3v.errors import InputError
 from phi3v.processing import image_tag_block
 
 
-def load_split(hub_id: str, config_name: str | None, split: str, dataset_path: str | None = None, skip_bad_samples=False):
+def load_split(
+    hub_id: str, config_name: str | None, split: str, dataset_path: str | None = None, skip_bad_samples=False
+):
     """Rows of one split: a datasets.Dataset (hub or save_to_disk copy) or a list of records (jsonl / JSON).
 
     Records are already in the project's form; Dataset rows go through the recipe's own `to_record`. A records

@@ -186,7 +186,8 @@ def test_parameter_groups_get_their_learning_rates(work):
     assert id(params[clip + "encoder.layers.1.mlp.fc1.weight"]) not in group_of
 
     # the Trainer takes it as is, and decays exactly the parameters its own default optimizer would
-    trainer = make_trainer(model, training_args, [None], PAD, optimizers=(optimizer, None), exempt_norms_from_decay=True)
+    trainer = make_trainer(model, training_args, [None], PAD, optimizers=(optimizer, None),
+                           exempt_norms_from_decay=True)
     assert trainer.create_optimizer() is optimizer
     decayed = {n for n, p in model.named_parameters() if p.requires_grad and not group_of[id(p)].endswith("_no_decay")}
     assert decayed == {n for n in trainer.get_decay_parameter_names(model) if params[n].requires_grad}
@@ -360,8 +361,8 @@ def test_finetune_sh_full_with_eval_and_group_lrs(runs):
 
 def test_finetune_lora_sh_then_merge_lora_sh(runs, work, tmp_path):
     import torch
-    from PIL import Image
     from peft import PeftModel
+    from PIL import Image
     from safetensors.torch import load_file
 
     from phi3v import Phi3VForCausalLM, Phi3VProcessor

@@ -204,7 +204,8 @@ def test_2u1_lora_flag_set_trains_the_language_model_adapters(work):
     (["--lora_enable", "--vision_lora", "--num_lora_modules", "12"], dict(vision_lora=True, num_lora_modules=12)),
     (["--lora_enable", "--lora_namespan_exclude", "['embed_tokens', 'lm_head', 'self_attn']"],
      dict(exclude=("embed_tokens", "lm_head", "self_attn"))),
-    (["--lora_enable", "--lora_namespan_exclude", "[]", "--num_lora_modules", "2"], dict(exclude=(), num_lora_modules=2)),
+    (["--lora_enable", "--lora_namespan_exclude", "[]", "--num_lora_modules", "2"],
+     dict(exclude=(), num_lora_modules=2)),
     (["--lora_enable", "--freeze_vision_tower", "--tune_img_projector", "False"],
      dict(freeze_vision_tower=True, tune_img_projector=False)),
     (["--freeze_llm", "--tune_img_projector", "False"], dict(lora_enable=False, tune_img_projector=False)),
@@ -234,7 +235,8 @@ def test_2u1_refusals_are_one_line(work):
 
 @pytest.mark.parametrize("flags, message", [
     (["--lora_alpha_ratio", "0.25"], "error: --lora_alpha_ratio is a flag of the four task recipes, not of "
-                                     "finetune_hf_trainer_custom.py; use --lora_alpha (LoRA alpha itself, not a ratio)"),
+                                     "finetune_hf_trainer_custom.py; use --lora_alpha (LoRA alpha itself, not a "
+                                     "ratio)"),
     (["--lora_alpa", "16"], "error: unknown flag --lora_alpa: did you mean --lora_alpha?"),
     (["--freeze_vision_model"], "error: --freeze_vision_model is a flag of the four task recipes, not of "
                                 "finetune_hf_trainer_custom.py; use --freeze_vision_tower"
@@ -365,7 +367,8 @@ def test_gradient_checkpointing_false_is_honoured(tmp_path):
     from phi3v.reporting import save_run_config
 
     for argv, expected in [([], True), (["--gradient_checkpointing", "False"], False),
-                           (["--gradient_checkpointing=false"], False), (["--activation_checkpointing", "False"], False)]:
+                           (["--gradient_checkpointing=false"], False),
+                           (["--activation_checkpointing", "False"], False)]:
         recipe_args, _, training_args = parse_args(argv=argv)
         assert training_args.activation_checkpointing is expected and training_args.gradient_checkpointing is expected
     save_run_config(str(tmp_path), recipe_args, None, training_args)
@@ -554,7 +557,8 @@ def test_flash_attention_follows_disable_flash_attn2(work, monkeypatch):
     import importlib.util
 
     args, _, _ = custom_parse(work, *FAST)
-    assert args.use_flash_attention is (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None)
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    assert args.use_flash_attention is flash
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else
