@@ -31,7 +31,7 @@ def read_pins(path) -> dict[str, str]:
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             line = line.strip()
-            if not line or line.startswith("#"):
+            if not line or line.startswith("#") or line == "-e .":  # -e .: this project itself
                 continue
             match = PIN.match(line)
             if not match:

@@ -49,3 +49,15 @@ def test_a_different_environment_exits_1_and_says_how_to_fix_it(tmp_path):
     assert "transformers: 5.24.0 installed, 0.0.1 tested" in result.stdout
     assert "no-such-package-xyz: not installed (tested: 1.0)" in result.stdout
     assert "pip install -r requirements.txt" in result.stdout
+
+
+def test_the_package_requires_the_pinned_versions():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        dependencies = tomllib.load(handle)["project"]["dependencies"]
+    pins = check_env.read_pins(os.path.join(ROOT, "requirements.txt"))
+    for requirement in dependencies:
+        name, version = requirement.split("==")
+        assert pins[check_env.canonical(name)] == version, f"pyproject.toml's {requirement} is not requirements.txt's"
+    assert {"transformers", "torch", "peft", "nicegui"} <= {check_env.canonical(r.split("==")[0]) for r in dependencies}
