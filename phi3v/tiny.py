@@ -1,7 +1,7 @@
 """Tiny random Phi-3-V checkpoints in the official layout, for the tests and the offline demo.
 
 All token counts are the real model's: 336-pixel crops, a 24x24 patch grid, 144 tokens per crop, and the real
-tokenizer (shipped in phi3v/assets) with its 32064-row vocabulary. Only widths and depths shrink (spec 7).
+tokenizer (shipped in phi3v/assets) with its 32064-row vocabulary. Only widths and depths shrink (docs/DESIGN.md §7).
 """
 
 import json
@@ -16,7 +16,7 @@ from phi3v.processing import STOP_TOKEN_IDS, packaged_processor
 
 
 def tiny_config(**overrides) -> Phi3VConfig:
-    """Spec section 7's tiny config: LM 64 wide x 2 layers, CLIP 32 wide x 2 layers; overrides win."""
+    """The tiny config of docs/DESIGN.md §7: LM 64 wide x 2 layers, CLIP 32 wide x 2 layers; overrides win."""
     head_dim = overrides.get("hidden_size", 64) // overrides.get("num_attention_heads", 4)
     fields = dict(
         vocab_size=32064,
