@@ -21,7 +21,7 @@ from phi3v.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-DS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+DS_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")  # shipped with the package
 DEFAULT_DEEPSPEED = os.path.join(DS_CONFIGS, "zero2.json")
 
 
@@ -250,10 +250,22 @@ def unknown_flag_message(parser, unknown: list[str]) -> str:
     return f"unknown flag {name}{hint}"
 
 
+def packaged_deepspeed_config(path: str) -> str:
+    """`zero3.json` or `ds_configs/zero3.json` (the README's spelling, from any folder) -> this package's file of that
+    name; any other path is returned as it is."""
+    folder, name = os.path.split(os.path.normpath(path))
+    packaged = os.path.join(DS_CONFIGS, name)
+    if folder in ("", "ds_configs", os.path.join("phi3v", "ds_configs")) and os.path.isfile(packaged):
+        return packaged
+    return path
+
+
 def derive(ns, given: set[str], gpu: bool) -> None:
     """Fill in the values that follow from others, for the options the command line did not give."""
     if isinstance(ns.deepspeed, str) and ns.deepspeed.strip().lower() in ("none", ""):
         ns.deepspeed = None
+    if isinstance(ns.deepspeed, str) and not ns.deepspeed.lstrip().startswith("{") and not os.path.isfile(ns.deepspeed):
+        ns.deepspeed = packaged_deepspeed_config(ns.deepspeed)
     if isinstance(ns.deepspeed, str) and not ns.deepspeed.lstrip().startswith("{") and not os.path.isfile(ns.deepspeed):
         configs = ", ".join(sorted(name for name in os.listdir(DS_CONFIGS) if name.endswith(".json")))
         raise InputError(f"--deepspeed {ns.deepspeed}: no such file; this project's configs are in {DS_CONFIGS} "

@@ -21,6 +21,8 @@ import warnings
 import pytest
 import torch
 
+from phi3v.arguments import DS_CONFIGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "finetune_hf_trainer_hateful_memes.py")
 EVAL_SIZE = 500  # the recipe evaluates on train[:500] and trains on train[500:]
@@ -106,7 +108,7 @@ def zero2_run(data):
         print(f"\n{message}")
         torchrun(run_dir, *data["flags"], "--deepspeed", "none", *COMMON_FLAGS)
     else:
-        torchrun(run_dir, *data["flags"], "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json"), *COMMON_FLAGS)
+        torchrun(run_dir, *data["flags"], "--deepspeed", os.path.join(DS_CONFIGS, "zero2.json"), *COMMON_FLAGS)
     return {"dir": run_dir, "deepspeed": reason is None}
 
 
@@ -117,7 +119,7 @@ def zero3_runs(data):
     reason = deepspeed_unavailable()
     if reason:
         pytest.skip(f"DeepSpeed cannot run here ({reason})")
-    zero3 = ["--deepspeed", os.path.join(ROOT, "ds_configs", "zero3.json"), *COMMON_FLAGS, "--save_steps", "1",
+    zero3 = ["--deepspeed", os.path.join(DS_CONFIGS, "zero3.json"), *COMMON_FLAGS, "--save_steps", "1",
              "--save_total_limit", "3"]
     straight, resumed = str(data["folder"] / "zero3"), str(data["folder"] / "zero3-resumed")
     torchrun(straight, *data["flags"], *zero3)

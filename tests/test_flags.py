@@ -363,6 +363,20 @@ def test_missing_deepspeed_config_is_one_line():
                                 "--deepspeed none")
 
 
+def test_the_readmes_deepspeed_paths_find_the_packaged_configs_from_any_folder(tmp_path, monkeypatch):
+    from phi3v.arguments import DS_CONFIGS
+
+    monkeypatch.chdir(tmp_path)  # not the checkout: ds_configs/ is not here
+    for spelling in ("ds_configs/zero3.json", "zero3.json", "./ds_configs/zero3.json"):
+        _, _, training_args = parse_args(argv=["--deepspeed", spelling])
+        assert training_args.deepspeed == os.path.join(DS_CONFIGS, "zero3.json"), spelling
+    own = tmp_path / "ds_configs" / "zero3.json"  # a file of the user's own at that path wins
+    own.parent.mkdir()
+    own.write_text('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}')
+    _, _, training_args = parse_args(argv=["--deepspeed", "ds_configs/zero3.json"])
+    assert training_args.deepspeed == "ds_configs/zero3.json"
+
+
 def test_gradient_checkpointing_false_is_honoured(tmp_path):
     from phi3v.reporting import save_run_config
 
