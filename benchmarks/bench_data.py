@@ -39,11 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one text at a time: 
 
 import torch  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
-
-from docvqa_pages import PAGE_SIZES, docvqa_records  # noqa: E402  (the same pages as bench_train.py)
+from docvqa_pages import PAGE_SIZES, docvqa_records  # noqa: E402  (beside this file; the pages of bench_train.py)
 from report_file import write_report  # noqa: E402
 
 EXTENSIONS = {"png": "PNG", "jpeg": "JPEG"}

@@ -17,8 +17,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-OFFICIAL = os.path.join(os.path.dirname(HERE), "phi3v", "assets", "phi-3.5-vision-instruct")
 
 
 def write_random_checkpoint(folder: str, shard_bytes: int = 5 * 2**30) -> None:
@@ -26,11 +24,13 @@ def write_random_checkpoint(folder: str, shard_bytes: int = 5 * 2**30) -> None:
     from safetensors.torch import save_file
 
     from phi3v import Phi3VConfig, Phi3VForCausalLM
+    from phi3v.official import ASSETS
 
+    official = os.path.join(ASSETS, "phi-3.5-vision-instruct")
     os.makedirs(folder, exist_ok=True)
     for name in ("config.json", "generation_config.json"):
-        shutil.copy(os.path.join(OFFICIAL, name), folder)
-    config = Phi3VConfig.from_pretrained(OFFICIAL)
+        shutil.copy(os.path.join(official, name), folder)
+    config = Phi3VConfig.from_pretrained(official)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Phi3VForCausalLM(config).state_dict().items()}
     generator = torch.Generator().manual_seed(0)

@@ -38,14 +38,10 @@ import time
 import torch
 from transformers import TrainerCallback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
+from docvqa_pages import PAGE_SIZES, docvqa_records  # beside this file (shared with bench_data.py)
+from report_file import write_report
 
-from docvqa_pages import PAGE_SIZES, docvqa_records  # noqa: E402  (shared with bench_data.py)
-from report_file import write_report  # noqa: E402
-
-OFFICIAL = os.path.join(ROOT, "phi3v", "assets", "phi-3.5-vision-instruct")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the recipes run from the checkout
 
 STRATEGIES = {"full": [], "frozen": ["--freeze_vision_model"], "lora": ["--use_lora"], "qlora": ["--use_qlora"]}
 BASELINE = "stock"  # the name of the baseline run (the full strategy, done the stock way)

@@ -13,10 +13,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the phi3v package
-
-from phi3v import Phi3VForCausalLM, Phi3VProcessor  # noqa: E402
-from phi3v.model_setup import load_adapter, recorded_base_model  # noqa: E402
+from phi3v import Phi3VForCausalLM, Phi3VProcessor
+from phi3v.model_setup import load_adapter, recorded_base_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
