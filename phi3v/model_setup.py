@@ -72,8 +72,6 @@ def load_model(
 
 def _local_device():
     if torch.cuda.is_available():
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
