@@ -5,21 +5,12 @@
 #   DATA_PATH=data/train.json IMAGE_FOLDER=data/images scripts/finetune_lora_vision.sh
 set -euo pipefail
 
-MODEL=${MODEL:-microsoft/Phi-3.5-vision-instruct}
 DATA_PATH=${DATA_PATH:-data/train.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-data/images}
 OUTPUT_DIR=${OUTPUT_DIR:-output/phi3v_lora_vision}
-NUM_GPUS=${NUM_GPUS:-1}
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# The project's virtual environment unless PYTHON names another interpreter (no activated venv needed).
-PYTHON=${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # PYTHON, MODEL, NUM_GPUS, run_custom_recipe
 
-"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NUM_GPUS" "$ROOT/finetune_hf_trainer_custom.py" \
-    --model_id "$MODEL" \
-    --data_path "$DATA_PATH" \
-    --image_folder "$IMAGE_FOLDER" \
-    --output_dir "$OUTPUT_DIR" \
-    --bf16 \
+run_custom_recipe \
     --lora_enable \
     --vision_lora \
     --lora_rank 128 --lora_alpha 256 --lora_dropout 0.05 \

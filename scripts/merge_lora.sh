@@ -8,8 +8,7 @@ set -euo pipefail
 ADAPTER_DIR=${ADAPTER_DIR:-output/phi3v_lora}
 OUTPUT_DIR=${OUTPUT_DIR:-${ADAPTER_DIR}_merged}
 BASE_MODEL=${BASE_MODEL:-}
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON=${PYTHON:-$(if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else echo python3; fi)}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # ROOT, PYTHON
 
 "$PYTHON" "$ROOT/scripts/merge_lora.py" \
     --adapter_dir "$ADAPTER_DIR" \
