@@ -141,11 +141,8 @@ TRAINING_DEFAULTS = dict(
 
 
 def default_dataloader_workers() -> int:
-    """4 DataLoader workers per process, fewer where the node has fewer cores per process.
-
-    A DocVQA page (num_crops 16) costs a worker ~0.1-0.15 s of a core and an H100 consumes ~5-6.5 pages/s: 4
-    workers deliver ~27-38/s, 3x that and more (benchmarks/bench_data.py); 2 would deliver only 2-3x.
-    """
+    """4 DataLoader workers per process, fewer where the node has fewer cores per process: enough to keep one GPU
+    fed with DocVQA-sized pages (measured by benchmarks/bench_data.py; the figures are in benchmarks/README.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
