@@ -10,7 +10,7 @@ Data: --data_path, a LLaVA-style JSON list (or one record per line, or one recor
 
 "image" may be a list (one <image> tag per image, in order) or be replaced by "video" (frames are sampled evenly,
 --max_num_frames of them). Training learns every assistant turn.
-Metric (--eval_data_path): the last assistant turn is generated; exact match (after strip / lower-case) and ANLS.
+Metric (--eval_data_path): the last assistant turn is generated; exact match and ANLS (phi3v.metrics).
 
     torchrun --nproc_per_node=8 finetune_hf_trainer_custom.py --data_path train.json --image_folder images --bf16
     torchrun --nproc_per_node=1 finetune_hf_trainer_custom.py --data_path train.json --image_folder images \\
@@ -48,7 +48,7 @@ from phi3v.data import check_media, load_records
 from phi3v.dataset import SFTDataset
 from phi3v.errors import InputError, one_line
 from phi3v.evaluation import evaluate
-from phi3v.metrics import mean_anls
+from phi3v.metrics import mean_anls, mean_exact_match
 from phi3v.model_setup import adapter_tensor_shapes, apply_lora, load_model, prepare_for_kbit_training
 from phi3v.optim import add_learning_rate_logging, build_optimizer
 from phi3v.sources import take
@@ -375,11 +375,9 @@ def build_model(args, task, training_args):
 
 
 def score(predictions):
-    """Exact match after strip / lower-case, and ANLS, against every gold answer of a prediction."""
-    golds = [p.get("answers") or [p["answer"]] for p in predictions]
-    exact = [any(p["prediction"].strip().lower() == g.strip().lower() for g in gold)
-             for p, gold in zip(predictions, golds)]
-    return "exact_match", sum(exact) / len(exact), {"anls": mean_anls([p["prediction"] for p in predictions], golds)}
+    """Exact match and ANLS against every gold answer of a prediction, both on phi3v.metrics.normalise_answer."""
+    texts, golds = [p["prediction"] for p in predictions], [p.get("answers") or [p["answer"]] for p in predictions]
+    return "exact_match", mean_exact_match(texts, golds), {"anls": mean_anls(texts, golds)}
 
 
 # ------------------------------------------------------------------------------------------------ the recipe

@@ -38,7 +38,7 @@ from phi3v.inference import (  # noqa: F401  (describe_model_folder, llava_tags,
     text_streamer,
     user_message,
 )
-from phi3v.metrics import accuracy, mean_anls
+from phi3v.metrics import gold_choice_accuracy, mean_anls, mean_exact_match
 
 
 def parse_args(argv=None):
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     batch.add_argument("--output", default="predictions.jsonl", help="one line per record: id, prediction, answer")
     batch.add_argument("--metric", choices=["accuracy", "anls", "exact", "none"], default="exact",
                        help="accuracy: answers parsed onto the set of gold answers; anls: DocVQA's; "
-                            "exact: case-insensitive exact match")
+                            "exact: exact match, ignoring case, whitespace runs and end periods")
     batch.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_crops", type=int, help="max 336px crops per image (default: the processor's)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -102,19 +102,12 @@ def read_records(args) -> list[dict]:
     return check_media(load_records(args.jsonl, folder))
 
 
-def _norm(text) -> str:
-    return " ".join(text.strip().strip(".").lower().split())
-
-
 def score(predictions, metric) -> float:
     """The metric of the predictions against their records' answers (the last assistant turn of each)."""
-    texts = [p["prediction"] for p in predictions]
     if metric == "accuracy":  # as the classification recipes: parse each prediction onto the set of gold answers
-        golds = [_norm(p["answer"]) for p in predictions]
-        return accuracy(texts, golds, sorted(set(golds)))
-    if metric == "anls":
-        return mean_anls(texts, [p.get("answers") or [p["answer"]] for p in predictions])
-    return sum(_norm(t) == _norm(p["answer"]) for t, p in zip(texts, predictions)) / len(predictions)
+        return gold_choice_accuracy(predictions)
+    texts, golds = [p["prediction"] for p in predictions], [p.get("answers") or [p["answer"]] for p in predictions]
+    return (mean_anls if metric == "anls" else mean_exact_match)(texts, golds)
 
 
 def predict_file(model, processor, records, args) -> dict:

@@ -1,12 +1,16 @@
-"""Evaluation metrics in pure Python: ANLS (DocVQA) and multiple-choice accuracy."""
+"""Evaluation metrics in pure Python: ANLS (DocVQA), exact match and multiple-choice accuracy, all comparing answers
+as normalise_answer makes them."""
 
 import re
 import string
 
 
-def _normalize(text):
-    """Lower-case, strip, and collapse internal whitespace to single spaces."""
-    return " ".join(text.lower().split())
+def normalise_answer(text: str) -> str:
+    """The one answer normalisation of every metric here (exact match, classes, ANLS): lower-cased, whitespace and
+    periods at either end dropped, inner whitespace runs made one space: " The  cat." -> "the cat".
+
+    As the original recipe (strip, strip ".", lower-case), plus the whitespace runs that DocVQA's ANLS ignores."""
+    return " ".join(text.strip(string.whitespace + ".").lower().split())
 
 
 def _levenshtein(a, b):
@@ -25,16 +29,16 @@ def _levenshtein(a, b):
 def anls(prediction, answers, threshold=0.5):
     """ANLS of one prediction: max over gold answers of 1 - NL, or 0 where NL >= threshold.
 
-    NL = _levenshtein(a, b) / max(len(a), len(b)) on normalised strings (0 for two empty strings).
+    NL = _levenshtein(a, b) / max(len(a), len(b)) on strings made by normalise_answer (0 for two empty strings).
     """
     if isinstance(answers, str):
         answers = [answers]  # a bare string would otherwise be scored character by character
     if not answers:
         raise ValueError("anls needs at least one gold answer")
-    pred = _normalize(prediction)
+    pred = normalise_answer(prediction)
     best = 0.0
     for answer in answers:
-        gold = _normalize(answer)
+        gold = normalise_answer(answer)
         longest = max(len(pred), len(gold))
         nl = _levenshtein(pred, gold) / longest if longest else 0.0
         best = max(best, 1.0 - nl if nl < threshold else 0.0)
@@ -59,9 +63,9 @@ def parse_choice(text, choices):
        choices "Apply Eye" and "Apply Eye Makeup" the text "Apply Eye Makeup." gives the latter.
     3. Otherwise None.
     """
-    cleaned = _normalize(text.strip().rstrip(string.punctuation + string.whitespace))
+    cleaned = normalise_answer(text.rstrip(string.punctuation + string.whitespace))
     for choice in choices:
-        if _normalize(choice) == cleaned:
+        if normalise_answer(choice) == cleaned:
             return choice
 
     best, best_key = None, None
@@ -79,6 +83,17 @@ def parse_choice(text, choices):
     return best
 
 
+def mean_exact_match(predictions, answers_list) -> float:
+    """Fraction of predictions equal to one of their gold answers after normalise_answer; answers_list[i] holds the
+    gold answers of predictions[i]."""
+    if len(predictions) != len(answers_list):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers_list)} answer lists")
+    if not predictions:
+        raise ValueError("mean_exact_match of no predictions")
+    return sum(normalise_answer(p) in {normalise_answer(a) for a in answers}
+               for p, answers in zip(predictions, answers_list)) / len(predictions)
+
+
 def accuracy(predictions, golds, choices):
     """Fraction of predictions whose parse_choice equals the gold class (case-insensitive)."""
     if len(predictions) != len(golds):
@@ -88,13 +103,8 @@ def accuracy(predictions, golds, choices):
     correct = 0
     for prediction, gold in zip(predictions, golds):
         parsed = parse_choice(prediction, choices)
-        correct += parsed is not None and _normalize(parsed) == _normalize(gold)
+        correct += parsed is not None and normalise_answer(parsed) == normalise_answer(gold)
     return correct / len(predictions)
-
-
-def normalise_answer(text: str) -> str:
-    """How class answers are compared: stripped, without a trailing period, lower-cased."""
-    return text.strip().strip(".").lower()
 
 
 def gold_choice_accuracy(predictions: list[dict]) -> float:
