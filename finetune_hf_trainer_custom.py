@@ -43,6 +43,7 @@ import torch
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import RecipeArguments, model_dtype, parse_args
+from phi3v.callbacks import add_learning_rate_logging
 from phi3v.checkpoints import prepare_resume
 from phi3v.data import check_media, load_records
 from phi3v.dataset import SFTDataset
@@ -50,7 +51,7 @@ from phi3v.errors import InputError, one_line
 from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls, mean_exact_match
 from phi3v.model_setup import adapter_tensor_shapes, apply_lora, load_model, prepare_for_kbit_training
-from phi3v.optim import add_learning_rate_logging, build_optimizer
+from phi3v.optim import build_optimizer
 from phi3v.sources import take
 from phi3v.training import (
     make_trainer,

@@ -303,9 +303,9 @@ def run_clip_on_every_slot(embedding) -> None:
 def run(spec: dict) -> dict:
     """One strategy (or the baseline), in this process: the recipe's code path, timed."""
     from phi3v.arguments import parse_args
+    from phi3v.callbacks import peak_memory_gb
     from phi3v.model_setup import count_parameters
     from phi3v.processing import Phi3VProcessor
-    from phi3v.reporting import peak_memory_gb
     from phi3v.training import make_trainer, model_for_training
 
     name = spec["name"]

@@ -1,4 +1,5 @@
-"""Checkpoints a run can trust, resuming with `--resume_from_checkpoint auto`, SIGTERM and non-finite gradients.
+"""Checkpoints a run can trust and resuming with `--resume_from_checkpoint auto` (the SIGTERM callback, which saves
+one and stops, is in phi3v.callbacks).
 
 When is a checkpoint complete? transformers' `Trainer._save_checkpoint` (5.24; tests/test_compat.py checks the
 order) writes the model (`save_model`), the optimizer and scheduler, the grad scaler, the RNG state, then
@@ -15,10 +16,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-
-import torch
-from transformers import TrainerCallback
 
 from phi3v.errors import InputError
 
@@ -136,126 +133,3 @@ def prepare_resume(training_args, overwrite_output_dir: bool) -> str | None:
                     shutil.rmtree(path)
             remove_incomplete_checkpoints(output_dir)
         return resolve_resume(requested, output_dir)
-
-
-def _any_process(flag: bool, device) -> bool:
-    """True when flag is true on any process: every rank must take the same decision at the same step."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
-class SigtermCallback(TrainerCallback):
-    """On SIGTERM (a scheduler's notice before preemption), save a checkpoint at the end of the step and stop.
-
-    The signal handler only sets a flag: saving from inside a handler could interrupt a half-done step. After
-    `trainer.train()` returns, `stopped` tells the recipe to exit without its final evaluation and save.
-    """
-
-    def __init__(self):
-        self.received = False
-        self.stopped = False
-        self.step = None
-        self._previous_handler = None
-
-    def _handle(self, signum, frame):
-        self.received = True
-        logger.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if _any_process(self.received, args.device):
-            control.should_save = True
-            control.should_training_stop = True
-            self.stopped, self.step = True, state.global_step
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        # After training a SIGTERM should end the process as usual.
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
-
-    @property
-    def message(self) -> str:
-        return f"stopped by SIGTERM at step {self.step}; resume with --resume_from_checkpoint auto"
-
-
-class NonFiniteCallback(TrainerCallback):
-    """Stop (or skip the step) when the gradients are not finite, before the optimizer spreads NaNs into the weights.
-
-    Runs in `on_pre_optimizer_step`, after gradient clipping: a NaN or inf gradient makes the clipped gradients
-    non-finite too. Default: raise FloatingPointError naming the step, the first parameters concerned and, when the
-    trainer passes them (`remember_batch_ids`), the samples of the batch. With skip=True the step's gradients are
-    dropped (set to None, so the optimizer leaves those weights and its moments alone), the count goes into the
-    logs as `nonfinite_steps`, and more than `max_consecutive_skips` skipped steps in a row raise anyway (a run
-    that only skips is not training).
-
-    Not active with --fp16 (the loss scaler already skips overflowing steps, and needs their gradients) nor under
-    DeepSpeed (ZeRO keeps gradients off `param.grad`).
-    """
-
-    def __init__(self, skip: bool = False, max_consecutive_skips: int = 10):
-        self.skip = skip
-        self.max_consecutive_skips = max_consecutive_skips
-        self.skipped_steps = 0
-        self.consecutive = 0
-        self.current_ids: list = []
-        self._disabled_reason = None
-
-    def remember_batch_ids(self, ids) -> None:
-        """Sample ids of a micro-batch of the current step (called by the trainer's compute_loss)."""
-        self.current_ids.extend(ids)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.fp16:
-            self._disabled_reason = "--fp16: the loss scaler skips non-finite steps itself"
-        elif args.deepspeed:
-            self._disabled_reason = "DeepSpeed keeps gradients where this check cannot see them"
-        if self._disabled_reason:
-            logger.info("non-finite gradient check off (%s)", self._disabled_reason)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.current_ids = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self._disabled_reason or model is None:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            self.consecutive = 0
-            return
-        step = state.global_step + 1  # the step being taken; global_step counts the finished ones
-        description = self._describe(model, step)
-        if not self.skip:
-            raise FloatingPointError(
-                f"{description}. Lower the learning rate, check those samples, or skip such steps "
-                "(--skip_nonfinite_steps)."
-            )
-        self.consecutive += 1
-        if self.consecutive > self.max_consecutive_skips:
-            raise FloatingPointError(f"{description}, {self.consecutive} steps in a row: training has diverged")
-        for parameter in model.parameters():
-            parameter.grad = None
-        self.skipped_steps += 1
-        logger.warning("%s: step skipped (%d so far)", description, self.skipped_steps)
-
-    def _describe(self, model, step) -> str:
-        names = [name for name, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
-        text = f"non-finite gradients at step {step} in {len(names)} parameter(s) ({', '.join(names[:3])}"
-        text += ", ...)" if len(names) > 3 else ")"
-        if self.current_ids:
-            text += f"; samples of the batch: {', '.join(map(str, self.current_ids))}"
-        return text
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.skip or self._disabled_reason or logs is None:
-            return
-        logs["nonfinite_steps"] = self.skipped_steps
-        # The Trainer stored a copy of these logs in log_history (trainer_state.json) before calling us.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["nonfinite_steps"] = self.skipped_steps

@@ -3,15 +3,15 @@
 Groups are named "vision", "projector", "language", each split into a weight-decay group and a "<name>_no_decay"
 group. Which parameters skip weight decay is transformers 5's Trainer rule (biases, LayerNorm / RMSNorm weights),
 so switching to this optimizer changes the learning rates only. (The four task recipes keep the original recipe's
-rule instead, which decays RMSNorm weights: `original_decay_parameter_names`.) The Trainer's scheduler multiplies each group's
-base lr by the same factor, so every group follows the same schedule at its own scale.
+rule instead, which decays RMSNorm weights: `original_decay_parameter_names`.) The Trainer's scheduler multiplies
+each group's base lr by the same factor, so every group follows the same schedule at its own scale.
+The lr of each group goes into the logs by phi3v.callbacks.LearningRateLogCallback.
 """
 
 import re
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from phi3v.compat import get_parameter_names
 
@@ -87,42 +87,3 @@ def build_optimizer(model: nn.Module, training_args, vision_lr=None, projector_l
         eps=training_args.adam_epsilon,
         fused=fused or None,
     )
-
-
-def group_learning_rates(optimizer) -> dict[str, float]:
-    """{"learning_rate_<group name>": lr} for each named group (a no-decay twin has its part's lr: left out)."""
-    return {
-        f"learning_rate_{group['name']}": float(group["lr"])
-        for group in optimizer.param_groups
-        if group.get("name") and not group["name"].endswith("_no_decay")
-    }
-
-
-class LearningRateLogCallback(TrainerCallback):
-    """Adds `learning_rate_<group>` to every training log, so each part of the model has its own lr curve.
-
-    The values are the lrs of the last optimizer step, read before the scheduler moves on, which is what the
-    Trainer logs as "learning_rate". The Trainer appends a log to state.log_history before the callbacks run, so
-    they are added there too; reporters (TensorBoard, W&B) that run after this callback see them as well: put it
-    first, see `add_learning_rate_logging`.
-    """
-
-    def __init__(self):
-        self.last_step_rates = {}
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if optimizer is not None:
-            self.last_step_rates = group_learning_rates(optimizer)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "learning_rate" not in logs or not self.last_step_rates:  # only training logs have an lr
-            return
-        logs.update(self.last_step_rates)
-        last = state.log_history[-1] if state.log_history else {}
-        if last.get("step") == state.global_step and "learning_rate" in last:
-            last.update(self.last_step_rates)
-
-
-def add_learning_rate_logging(trainer) -> None:
-    """Register LearningRateLogCallback ahead of the reporting callbacks, which then log the group lrs too."""
-    trainer.callback_handler.callbacks.insert(0, LearningRateLogCallback())

@@ -1,6 +1,6 @@
-"""What a run leaves beside its model besides the weights: throughput in the logs, run_config.json, and plots.
+"""What a run leaves beside its model besides the weights: run_config.json and plots (the throughput in its logs
+comes from phi3v.callbacks.ThroughputCallback).
 
-    ThroughputCallback      images/s, tokens/s, steps/s and peak memory in every training log
     save_run_config         run_config.json: every argument, library versions, the command line
     write_end_of_run_plots  training_curves.png, eval_comparison.png, confusion_matrix.png
 
@@ -12,123 +12,14 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import shlex
 import sys
-import time
 
 import torch
-import torch.distributed as dist
-from transformers import TrainerCallback
 
 from phi3v.metrics import parse_choice
 
 OTHER = "other"  # the confusion-matrix column of answers that match no class
-
-
-# ------------------------------------------------------------------------------------------------ throughput
-def peak_memory_gb() -> float:
-    """Peak memory of this process in GiB: allocated GPU memory on a GPU, else the maximum resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max_rss / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
-
-
-class ThroughputCallback(TrainerCallback):
-    """Adds images/s, tokens/s, steps/s and peak memory to the training logs (and so to TensorBoard, log_history).
-
-    Images and tokens are counted where batches enter the model: a forward pre-hook (registered at train begin)
-    reads `image_sizes` (one row per image or video frame) and `attention_mask` (real tokens, padding excluded) of
-    every training-mode forward. Counting there, not in the collator, stays right with DataLoader worker processes,
-    gradient accumulation and any data pipeline. Evaluation (generation runs the model in eval mode) is not counted.
-
-    Each training log gets the rates over the wall time since the previous log (`images_per_second`,
-    `tokens_per_second`, `steps_per_second`) and `peak_memory_gb`; the end-of-training summary gets whole-run
-    averages (`train_images_per_second`, `train_tokens_per_second`). Counts are summed over all ranks. Logs only
-    reach the callbacks after this one, so install it first (see `install_first`) for TensorBoard to see them.
-    """
-
-    def __init__(self):
-        self._hook = None
-        self._start = None  # set at train begin
-        self._window = [0, 0]  # images, tokens since the last log (tokens may be a device tensor: no sync per step)
-        self._total = [0, 0]
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
-        self._window, self._total = [0, 0], [0, 0]
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()  # the training peak, not the evaluation's before it
-        self._start = self._last_time = time.perf_counter()
-        self._start_step = self._last_step = state.global_step
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _count(self, module, args, kwargs):
-        if not module.training:
-            return
-        image_sizes, mask = kwargs.get("image_sizes"), kwargs.get("attention_mask")
-        images = 0 if image_sizes is None else image_sizes.shape[0]
-        if mask is not None:
-            tokens = mask.sum()
-        else:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            tokens = 0 if input_ids is None else input_ids.numel()
-        for counts in (self._window, self._total):
-            counts[0] += images
-            counts[1] += tokens
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self._start is None:
-            return
-        now = time.perf_counter()
-        if "loss" in logs:  # a training log: rates since the previous one
-            images, tokens = _sum_over_ranks(self._window, args.device)
-            elapsed, steps = now - self._last_time, state.global_step - self._last_step
-            self._window, self._last_time, self._last_step = [0, 0], now, state.global_step
-            prefix = ""
-        elif "train_runtime" in logs:  # the end-of-training summary: whole-run averages
-            images, tokens = _sum_over_ranks(self._total, args.device)
-            elapsed, steps = now - self._start, state.global_step - self._start_step
-            prefix = "train_"
-        else:  # evaluation logs
-            return
-        new = {
-            f"{prefix}images_per_second": round(images / max(elapsed, 1e-9), 3),
-            f"{prefix}tokens_per_second": round(tokens / max(elapsed, 1e-9), 3),
-            "peak_memory_gb": round(peak_memory_gb(), 3),
-        }
-        if not prefix:  # the summary already has train_steps_per_second
-            new["steps_per_second"] = round(steps / max(elapsed, 1e-9), 4)
-        logs.update(new)
-        # Trainer.log appended a copy of `logs` to log_history before calling the callbacks: complete it too.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(new)
-
-    @staticmethod
-    def install_first(trainer) -> "ThroughputCallback":
-        """Add a ThroughputCallback to `trainer` ahead of its reporting callbacks (TensorBoard, W&B, ...).
-
-        Trainer passes the same `logs` dict to every callback in order, so only those after this one see the
-        numbers it adds.
-        """
-        callback = trainer.pop_callback(ThroughputCallback) or ThroughputCallback()
-        trainer.callback_handler.callbacks.insert(0, callback)
-        return callback
-
-
-def _sum_over_ranks(counts, device) -> tuple[int, int]:
-    """(images, tokens) summed over every rank (Trainer logs on all ranks, so the collective is matched)."""
-    values = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-    return int(values[0]), int(values[1])
 
 
 # ------------------------------------------------------------------------------------------------ run_config.json

@@ -7,10 +7,9 @@ import torch
 from transformers import Trainer
 
 from phi3v.arguments import model_dtype
-from phi3v.checkpoints import NonFiniteCallback, SigtermCallback
+from phi3v.callbacks import NonFiniteCallback, SigtermCallback, ThroughputCallback
 from phi3v.collator import Phi3VDataCollator
 from phi3v.metrics import normalise_answer
-from phi3v.optim import decay_parameter_names, original_decay_parameter_names
 from phi3v.model_setup import (
     apply_lora,
     count_parameters,
@@ -20,7 +19,8 @@ from phi3v.model_setup import (
     lora_target_modules,
     prepare_for_kbit_training,
 )
-from phi3v.reporting import ThroughputCallback, save_run_config, write_end_of_run_plots
+from phi3v.optim import decay_parameter_names, original_decay_parameter_names
+from phi3v.reporting import save_run_config, write_end_of_run_plots
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from phi3v.callbacks import NonFiniteCallback
 from phi3v.checkpoints import (
-    NonFiniteCallback,
     check_output_dir,
     is_complete,
     latest_complete_checkpoint,
@@ -45,7 +45,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, {root!r})
 import finetune_hf_trainer_hateful_memes as recipe
-from phi3v.checkpoints import NonFiniteCallback, SigtermCallback, prepare_resume
+from phi3v.callbacks import NonFiniteCallback, SigtermCallback
+from phi3v.checkpoints import prepare_resume
 
 sigterm = SigtermCallback()
 

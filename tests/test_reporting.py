@@ -9,8 +9,8 @@ from PIL import Image
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from phi3v.callbacks import ThroughputCallback
 from phi3v.reporting import (
-    ThroughputCallback,
     confusion_matrix,
     plot_confusion_matrix,
     plot_eval_comparison,
