@@ -34,15 +34,31 @@ from phi3v.training import (
 # ------------------------------------------------------------------------------------------------ the task
 DATASET = "nielsr/docvqa_1200_examples"
 FULL_DATASET, FULL_CONFIG = "HuggingFaceM4/the_cauldron", "docvqa"
+SCRIPT_DEFAULTS = dict(num_crops=16, batch_size=16)
+CLASSIFY = False  # free-text answers
 
 
 @dataclass
-class DocVQAArguments:
+class TaskArguments:
     full_train: bool = field(
         default=False,
         metadata={"help": f"train on all of DocVQA ({FULL_DATASET}, config {FULL_CONFIG}) instead of the 1000 "
                           f"training examples of {DATASET} (evaluation stays on its 200 test examples)"},
     )
+
+
+def load_data(args, task_args):
+    """(train rows, eval rows): DATASET's "train" (FULL_DATASET's with --full_train) and "test" splits."""
+    if task_args.full_train and args.dataset_path:
+        raise InputError(f"--full_train trains on the hub's {FULL_DATASET} {FULL_CONFIG}, but --dataset_path replaces "
+                         "the hub data with your copy: give one (for a local copy of the full set, save it with "
+                         "save_to_disk and pass only --dataset_path)")
+    train_source = (FULL_DATASET, FULL_CONFIG) if task_args.full_train else (DATASET, None)
+    train_rows = take(load_split(*train_source, "train", args.dataset_path, args.skip_bad_samples),
+                      0, args.max_train_samples)
+    eval_rows = take(load_split(DATASET, None, "test", args.dataset_path, args.skip_bad_samples),
+                     0, args.max_eval_samples)
+    return train_rows, eval_rows
 
 
 def to_record(row, index):
@@ -79,20 +95,12 @@ def score(predictions):
 
 # ------------------------------------------------------------------------------------------------ the recipe
 def main():
-    args, task_args, training_args = parse_args(DocVQAArguments, num_crops=16, batch_size=16)
+    args, task_args, training_args = parse_args(TaskArguments, **SCRIPT_DEFAULTS)
     setup_logging(training_args)
     resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
 
-    # Data
-    if task_args.full_train and args.dataset_path:
-        raise InputError(f"--full_train trains on the hub's {FULL_DATASET} {FULL_CONFIG}, but --dataset_path replaces "
-                         "the hub data with your copy: give one (for a local copy of the full set, save it with "
-                         "save_to_disk and pass only --dataset_path)")
-    train_source = (FULL_DATASET, FULL_CONFIG) if task_args.full_train else (DATASET, None)
-    train_rows = take(load_split(*train_source, "train", args.dataset_path, args.skip_bad_samples),
-                      0, args.max_train_samples)
-    eval_rows = take(load_split(DATASET, None, "test", args.dataset_path, args.skip_bad_samples),
-                     0, args.max_eval_samples)
+    # Data: the task's rows, each made a record by to_record when it is read
+    train_rows, eval_rows = load_data(args, task_args)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
                            max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
@@ -116,7 +124,7 @@ def main():
 
     # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
     eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
-    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=False)
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=CLASSIFY)
 
 
 if __name__ == "__main__":

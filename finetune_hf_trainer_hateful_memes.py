@@ -7,10 +7,9 @@ Metric: accuracy; a generated answer is mapped onto the gold answers ("yes" / "n
     torchrun --nproc_per_node=8 finetune_hf_trainer_hateful_memes.py --bf16 --use_flash_attention
     torchrun --nproc_per_node=1 finetune_hf_trainer_hateful_memes.py --bf16 --use_lora
 
-To start a new task, copy this file and change the task part: DATASET, to_record and score.
+To start a new task, copy this file and change its task section, nothing else: the constants (data, flag defaults,
+TaskArguments, CLASSIFY), load_data, to_record and score. The recipe below them is the same in every script.
 """
-
-import os
 
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
@@ -19,7 +18,7 @@ from phi3v.dataset import SFTDataset
 from phi3v.errors import exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
-from phi3v.sources import cauldron_record, load_split, take
+from phi3v.sources import is_record, load_split, split_off_eval
 from phi3v.training import (
     make_trainer,
     model_for_training,
@@ -30,33 +29,65 @@ from phi3v.training import (
 )
 
 # ------------------------------------------------------------------------------------------------ the task
+# What this task chooses is all here; main() below is the same in every recipe (tests/test_template_example.py).
 DATASET, CONFIG, EVAL_SIZE = "HuggingFaceM4/the_cauldron", "hateful_memes", 500
+SCRIPT_DEFAULTS = dict(num_crops=16, batch_size=16)  # this task's defaults for the common flags (phi3v.arguments)
+TaskArguments = None  # the task's own flags: a dataclass of them (as docvqa's --full_train), or None
+CLASSIFY = True  # the answers are classes: the run's plots add a confusion matrix (False: free-text answers)
+
+
+def load_data(args, task_args):
+    """(train rows, eval rows): the first EVAL_SIZE rows of the train split evaluate, the rest train (as the original
+    recipe). Rows are whatever the source holds (here hub rows); to_record makes each one a record when it is read."""
+    rows = load_split(DATASET, CONFIG, "train", args.dataset_path, args.skip_bad_samples)
+    return split_off_eval(rows, EVAL_SIZE, args.max_train_samples, args.max_eval_samples, __file__)
 
 
 def to_record(row, index):
-    """A the_cauldron row -> a record (phi3v.data); "<|image_1|>
-..." tags open the first user turn."""
-    return cauldron_record(row, index, DATASET, CONFIG)
+    """A the_cauldron row {"images": [meme], "texts": [{"user": question, "assistant": "yes" | "no"}]} -> a record.
+
+    A record (phi3v.data) is a dict:
+      "id"        str, unique
+      "source"    str, names the sample in error messages
+      "images"    list of PIL images or file paths; the user turns tag each once, in order: <|image_1|>, <|image_2|>...
+      "video"     a video file path, or None (a video record has no images and one "<video>" in its text)
+      "messages"  [{"role": "user" | "assistant", "content": str}, ...], alternating from the user (a "system"
+                  message may come first); every assistant turn is learnt, and the last one is what evaluation
+                  generates and score compares
+      "answers"   optional: every gold answer of the last turn, for a metric that takes several (DocVQA's ANLS)
+    """
+    if is_record(row):  # a jsonl --dataset_path holds records already
+        return row
+    (image,), (text,) = row["images"], row["texts"]  # one meme, one question
+    return {
+        "id": f"{CONFIG}-{index}",
+        "source": f"{DATASET}/{CONFIG}[{index}]",
+        "images": [image],
+        "video": None,
+        "messages": [
+            {"role": "user", "content": "<|image_1|>\n" + text["user"]},
+            {"role": "assistant", "content": text["assistant"]},
+        ],
+    }
 
 
 def score(predictions):
-    """Accuracy: each prediction is parsed onto the set of gold answers (phi3v.metrics.parse_choice)."""
+    """The metric, from one item per evaluated record: {"id", "prediction" (the generated text), "answer" (the
+    record's last assistant turn), "answers" (the record's, if it has them)}. Returns (name, value), or
+    (name, value, {other metric: value}); eval_before.json / eval_after.json hold them and every prediction.
+
+    Accuracy: each prediction is parsed onto the set of gold answers (phi3v.metrics.parse_choice)."""
     return "accuracy", gold_choice_accuracy(predictions)
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
 def main():
-    args, task_args, training_args = parse_args(num_crops=16, batch_size=16)
+    args, task_args, training_args = parse_args(TaskArguments, **SCRIPT_DEFAULTS)
     setup_logging(training_args)
     resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
 
-    # Data
-    rows = load_split(DATASET, CONFIG, "train", args.dataset_path, args.skip_bad_samples)
-    train_rows = take(rows, EVAL_SIZE, None if args.max_train_samples is None else EVAL_SIZE + args.max_train_samples,
-                      note=f"the first {EVAL_SIZE} rows are the evaluation split and training takes the rest: give "
-                           f"more than {EVAL_SIZE} rows, or change EVAL_SIZE at the top of "
-                           f"{os.path.basename(__file__)}")
-    eval_rows = take(rows, 0, min(EVAL_SIZE, args.max_eval_samples or EVAL_SIZE))
+    # Data: the task's rows, each made a record by to_record when it is read
+    train_rows, eval_rows = load_data(args, task_args)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
                            max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
@@ -80,7 +111,7 @@ def main():
 
     # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
     eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
-    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=True)
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=CLASSIFY)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ Metric: accuracy; a generated answer is mapped onto the gold answers ("True" / "
     torchrun --nproc_per_node=1 finetune_hf_trainer_nlvr2.py --bf16 --use_lora
 """
 
-import os
-
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
 from phi3v.checkpoints import prepare_resume
@@ -19,7 +17,7 @@ from phi3v.dataset import SFTDataset
 from phi3v.errors import exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
-from phi3v.sources import cauldron_record, load_split, take
+from phi3v.sources import cauldron_record, load_split, split_off_eval
 from phi3v.training import (
     make_trainer,
     model_for_training,
@@ -31,11 +29,19 @@ from phi3v.training import (
 
 # ------------------------------------------------------------------------------------------------ the task
 DATASET, CONFIG, EVAL_SIZE = "HuggingFaceM4/the_cauldron", "nlvr2", 500
+SCRIPT_DEFAULTS = dict(num_crops=4, batch_size=16, batch_size_per_gpu=1)  # two images a sample: fewer crops
+TaskArguments = None
+CLASSIFY = True
+
+
+def load_data(args, task_args):
+    """(train rows, eval rows): the first EVAL_SIZE rows of the train split evaluate, the rest train."""
+    rows = load_split(DATASET, CONFIG, "train", args.dataset_path, args.skip_bad_samples)
+    return split_off_eval(rows, EVAL_SIZE, args.max_train_samples, args.max_eval_samples, __file__)
 
 
 def to_record(row, index):
-    """A the_cauldron row -> a record (phi3v.data); "<|image_1|>
-..." tags open the first user turn."""
+    """A the_cauldron row -> a record (phi3v.data): "<|image_1|>\\n<|image_2|>\\n" opens the first user turn."""
     return cauldron_record(row, index, DATASET, CONFIG)
 
 
@@ -46,17 +52,12 @@ def score(predictions):
 
 # ------------------------------------------------------------------------------------------------ the recipe
 def main():
-    args, task_args, training_args = parse_args(num_crops=4, batch_size=16, batch_size_per_gpu=1)
+    args, task_args, training_args = parse_args(TaskArguments, **SCRIPT_DEFAULTS)
     setup_logging(training_args)
     resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
 
-    # Data
-    rows = load_split(DATASET, CONFIG, "train", args.dataset_path, args.skip_bad_samples)
-    train_rows = take(rows, EVAL_SIZE, None if args.max_train_samples is None else EVAL_SIZE + args.max_train_samples,
-                      note=f"the first {EVAL_SIZE} rows are the evaluation split and training takes the rest: give "
-                           f"more than {EVAL_SIZE} rows, or change EVAL_SIZE at the top of "
-                           f"{os.path.basename(__file__)}")
-    eval_rows = take(rows, 0, min(EVAL_SIZE, args.max_eval_samples or EVAL_SIZE))
+    # Data: the task's rows, each made a record by to_record when it is read
+    train_rows, eval_rows = load_data(args, task_args)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
                            max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
@@ -80,7 +81,7 @@ def main():
 
     # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
     eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
-    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=True)
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=CLASSIFY)
 
 
 if __name__ == "__main__":

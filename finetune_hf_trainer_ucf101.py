@@ -44,10 +44,12 @@ from phi3v.training import (
 
 # ------------------------------------------------------------------------------------------------ the task
 TRAIN_FILE, EVAL_FILES = "ucf101_train.jsonl", ("ucf101_test.jsonl", "ucf101_val.jsonl")
+SCRIPT_DEFAULTS = dict(num_crops=4, batch_size=16, batch_size_per_gpu=1)  # 8 frames a sample: fewer crops
+CLASSIFY = True
 
 
 @dataclass
-class UCF101Arguments:
+class TaskArguments:
     data_dir: str = field(
         metadata={"help": "output folder of convert_ucf101.py (or any folder in its format): "
                           f"{TRAIN_FILE}, {' or '.join(EVAL_FILES)}, images/"},
@@ -66,6 +68,21 @@ def data_files(data_dir):
     sys.exit(f"{error} no {' or '.join(EVAL_FILES)} in --data_dir {data_dir} to evaluate on")
 
 
+def load_data(args, task_args):
+    """(train rows, eval rows): the records of --data_dir's files, every frame file looked at now, before the model
+    loads (a bad one: its record and file, in one line)."""
+    train_file, eval_file = data_files(task_args.data_dir)
+    images = os.path.join(task_args.data_dir, "images")
+    train_rows = take(load_records(train_file, images, args.skip_bad_samples), 0, args.max_train_samples)
+    eval_rows = take(load_records(eval_file, images, args.skip_bad_samples), 0, args.max_eval_samples)
+    return check_media(train_rows, args.skip_bad_samples), check_media(eval_rows, args.skip_bad_samples)
+
+
+def to_record(row, index):
+    """The rows are records already (phi3v.data.load_records)."""
+    return row
+
+
 def score(predictions):
     """Accuracy: each prediction is parsed onto the set of gold answers (phi3v.metrics.parse_choice)."""
     return "accuracy", gold_choice_accuracy(predictions)
@@ -73,20 +90,14 @@ def score(predictions):
 
 # ------------------------------------------------------------------------------------------------ the recipe
 def main():
-    args, task_args, training_args = parse_args(UCF101Arguments, num_crops=4, batch_size=16, batch_size_per_gpu=1)
+    args, task_args, training_args = parse_args(TaskArguments, **SCRIPT_DEFAULTS)
     setup_logging(training_args)
     resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
 
-    # Data: records already in the project's form (no to_record), frames under data_dir/images
-    train_file, eval_file = data_files(task_args.data_dir)
-    images = os.path.join(task_args.data_dir, "images")
-    train_rows = take(load_records(train_file, images, args.skip_bad_samples), 0, args.max_train_samples)
-    eval_rows = take(load_records(eval_file, images, args.skip_bad_samples), 0, args.max_eval_samples)
-    # every frame file is looked at now, before the model loads (a bad one: its record and file, in one line)
-    train_rows = check_media(train_rows, args.skip_bad_samples)
-    eval_rows = check_media(eval_rows, args.skip_bad_samples)
+    # Data: the task's rows, each made a record by to_record when it is read
+    train_rows, eval_rows = load_data(args, task_args)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
-    dataset_options = dict(processor=processor, num_crops=args.num_crops,
+    dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
                            max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
     train_dataset = SFTDataset(train_rows, **dataset_options)
     eval_dataset = SFTDataset(eval_rows, **dataset_options)
@@ -108,7 +119,7 @@ def main():
 
     # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
     eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
-    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=True)
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=CLASSIFY)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """A fifth task made from a copy of finetune_hf_trainer_hateful_memes.py: name the colour of the shape in a picture.
 
-The worked example of the README's "start a new task": only the task part changed (DATASET, to_record, score);
-the recipe below it is the template's, line for line. Data: a local `save_to_disk` folder (--dataset_path) with
-"train" and "test" splits of rows {"image": PIL image, "colour": "red" | "blue" | ...}; phi3v.synthetic makes one:
+The worked example of the README's "start a new task": only the task section changed (the constants, load_data,
+to_record, score); the recipe below it is the template's, line for line (tests/test_template_example.py checks it).
+Data: a local `save_to_disk` folder (--dataset_path) with "train" and "test" splits of rows
+{"image": PIL image, "colour": "red" | "blue" | ...}; phi3v.synthetic makes one:
 
     python -c "from phi3v.synthetic import shapes_dataset; shapes_dataset('data/shapes')"
     python examples/finetune_hf_trainer_shapes.py --dataset_path data/shapes --model_name_or_path <model>
@@ -17,7 +18,7 @@ from phi3v import Phi3VProcessor  # noqa: E402
 from phi3v.arguments import parse_args  # noqa: E402
 from phi3v.checkpoints import prepare_resume  # noqa: E402
 from phi3v.dataset import SFTDataset  # noqa: E402
-from phi3v.errors import exit_on_input_error
+from phi3v.errors import InputError, exit_on_input_error  # noqa: E402
 from phi3v.evaluation import evaluate  # noqa: E402
 from phi3v.metrics import gold_choice_accuracy  # noqa: E402
 from phi3v.sources import load_split, take  # noqa: E402
@@ -32,6 +33,18 @@ from phi3v.training import (  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ the task
 DATASET = "local shapes"  # no hub copy: --dataset_path is required
+SCRIPT_DEFAULTS = dict(num_crops=4, batch_size=16)
+TaskArguments = None
+CLASSIFY = True
+
+
+def load_data(args, task_args):
+    """(train rows, eval rows): the "train" and "test" splits of --dataset_path."""
+    if not args.dataset_path:
+        raise InputError("this example trains on local data: pass --dataset_path (a save_to_disk folder)")
+    train_rows = take(load_split(DATASET, None, "train", args.dataset_path), 0, args.max_train_samples)
+    eval_rows = take(load_split(DATASET, None, "test", args.dataset_path), 0, args.max_eval_samples)
+    return train_rows, eval_rows
 
 
 def to_record(row, index):
@@ -48,15 +61,12 @@ def score(predictions):
 
 # ------------------------------------------------------------------------------------------------ the recipe
 def main():
-    args, task_args, training_args = parse_args(num_crops=4, batch_size=16)
+    args, task_args, training_args = parse_args(TaskArguments, **SCRIPT_DEFAULTS)
     setup_logging(training_args)
     resume = prepare_resume(training_args, args.overwrite_output_dir)  # 'auto': newest complete checkpoint
-    if not args.dataset_path:
-        sys.exit("this example trains on local data: pass --dataset_path (a save_to_disk folder)")
 
-    # Data
-    train_rows = take(load_split(DATASET, None, "train", args.dataset_path), 0, args.max_train_samples)
-    eval_rows = take(load_split(DATASET, None, "test", args.dataset_path), 0, args.max_eval_samples)
+    # Data: the task's rows, each made a record by to_record when it is read
+    train_rows, eval_rows = load_data(args, task_args)
     processor = Phi3VProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
     dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
                            max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
@@ -78,9 +88,9 @@ def main():
         return
     save_outputs(trainer, processor, args)
 
-    # Evaluate the model as trained; plots and run config
+    # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
     eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
-    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=True)
+    write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=CLASSIFY)
 
 
 if __name__ == "__main__":

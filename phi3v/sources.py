@@ -79,6 +79,16 @@ def take(rows, start: int = 0, stop: int | None = None, note: str = ""):
     return rows.select(range(start, stop))
 
 
+def split_off_eval(rows, eval_size: int, max_train_samples=None, max_eval_samples=None, script: str = ""):
+    """(train rows, eval rows) of one split whose first `eval_size` rows evaluate and the rest train (the original
+    recipe's train[500:] / train[:500]), each cut to --max_train_samples / --max_eval_samples. script: the recipe
+    file, named in the error for a split of eval_size rows or fewer."""
+    train = take(rows, eval_size, None if max_train_samples is None else eval_size + max_train_samples,
+                 note=f"the first {eval_size} rows are the evaluation split and training takes the rest: give more "
+                      f"than {eval_size} rows, or change EVAL_SIZE at the top of {os.path.basename(script)}")
+    return train, take(rows, 0, min(eval_size, max_eval_samples or eval_size))
+
+
 def is_record(row) -> bool:
     return isinstance(row, dict) and "messages" in row and "source" in row
 
