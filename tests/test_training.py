@@ -136,8 +136,15 @@ def test_lora_targets(tiny_checkpoint):
     assert not any("encoder.layers.1." in n for n in everything)  # the unused CLIP layer
     language_only = lora_target_modules(model, vision=False)
     assert not any("vision" in n for n in language_only)
-    last = lora_target_modules(model, vision=False, num_layers=1, exclude=["embed_tokens"])
-    assert set(last) == {f"model.layers.1.{m}" for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    last = lora_target_modules(model, vision=False, num_layers=1)
+    assert set(last) == {f"model.layers.1.{m}" for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                                         "mlp.down_proj")}
+    # exclude drops a layer that is a target without it, and only that one
+    assert set(lora_target_modules(model, vision=False, num_layers=1, exclude=["o_proj"])) == set(last) - {
+        "model.layers.1.self_attn.o_proj"}
+    projector = {"model.vision_embed_tokens.img_projection.0", "model.vision_embed_tokens.img_projection.2"}
+    assert projector <= set(everything)
+    assert set(lora_target_modules(model, vision=True, exclude=["img_projection"])) == set(everything) - projector
 
 
 def one_step_loss_decreases(model, batch, lr=1e-2, steps=5):
@@ -207,7 +214,7 @@ def test_qlora_trains_on_cpu(tiny_checkpoint, train_batch):
         pytest.skip(reason)
     from phi3v.model_setup import prepare_for_kbit_training
 
-    model = load_model(tiny_checkpoint, use_qlora=True)
+    model = load_model(tiny_checkpoint, bits=4)  # QLoRA's base
     import bitsandbytes as bnb
 
     assert isinstance(model.model.layers[0].self_attn.qkv_proj, bnb.nn.Linear4bit)
