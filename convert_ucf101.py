@@ -33,16 +33,13 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from phi3v.errors import InputError, exit_with_error  # a user mistake: one line, exit status 2
 from phi3v.video import VideoError, read_video_frames
 
 VIDEO_EXTS = {".avi", ".mp4", ".mkv", ".webm", ".mov"}  # compared lower-cased
 SPLIT_ORDER = ["train", "val", "test"]  # other splits follow, sorted by name
 STATE_FILE = ".convert_ucf101.json"  # remembers --num_frames of the frames in out_dir
 JPEG_QUALITY = 95
-
-
-class InputError(Exception):
-    """A user mistake (missing folder, no videos, ...): reported as one line, exit code 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +311,8 @@ def parse_args(argv=None):
         help="frames per video: the centre frame of each of num_frames equal segments of the whole video; "
         "shorter videos repeat frames in order (3 frames, 8 wanted -> 0 0 0 1 1 2 2 2) (default: 8)",
     )
-    parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+                        help="decoding processes (default: all cores)")
     parser.add_argument("--strict", action="store_true", help="fail (exit 1, no jsonl written) if any video is skipped")
     parser.add_argument("--no-tqdm", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
@@ -335,8 +333,7 @@ def main(argv=None):
             video_dir = extract_archive(archive, os.path.join(args.out_dir, "_videos"))
         report = convert(video_dir, args.out_dir, args.num_frames, args.num_workers, args.strict, args.progress)
     except InputError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        return 2
+        exit_with_error(e)
     print(report.format())
     if args.strict and report.skipped:
         print(f"--strict: {len(report.skipped)} video(s) skipped, jsonl files not written", file=sys.stderr)

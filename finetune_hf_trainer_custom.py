@@ -42,24 +42,24 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 
 from phi3v import Phi3VProcessor
-from phi3v.arguments import RecipeArguments, model_dtype, parse_args
+from phi3v.arguments import RecipeArguments, parse_args
 from phi3v.callbacks import add_learning_rate_logging
 from phi3v.checkpoints import prepare_resume
 from phi3v.data import check_media, load_records
 from phi3v.dataset import SFTDataset
-from phi3v.errors import InputError, one_line
+from phi3v.errors import InputError, exit_on_input_error, exit_with_error, one_line
 from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls, mean_exact_match
-from phi3v.model_setup import adapter_tensor_shapes, apply_lora, load_model, prepare_for_kbit_training
+from phi3v.model_setup import adapter_tensor_shapes, excluded
 from phi3v.optim import build_optimizer
 from phi3v.sources import take
 from phi3v.training import (
+    ModelPlan,
     make_trainer,
-    place_and_report,
+    model_for_training,
     run_training,
     save_outputs,
     setup_logging,
-    start_deepspeed_comm_for_zero3,
     write_run_summary,
 )
 
@@ -144,7 +144,8 @@ INSTEAD = {
 
 
 def fail(message):
-    sys.exit(f"error: {message}")
+    """A user error: `finetune_hf_trainer_custom.py: error: <message>` on stderr, exit status 2 (phi3v.errors)."""
+    exit_with_error(message)
 
 
 def parse(argv=None):
@@ -227,13 +228,6 @@ def parse_name_list(text) -> list[str]:
         fail(f"--lora_namespan_exclude must be a Python list of strings like \"['lm_head','embed_tokens']\", "
              f"got {text!r}")
     return list(value)
-
-
-def excluded(name, fragments) -> bool:
-    """2U1's rule: a module is left out when its name contains one of the fragments; "embed_tokens" stands for the
-    language model's token embedding (model.embed_tokens) alone, not model.vision_embed_tokens.*."""
-    fragments = [EMBED_TOKENS if fragment == "embed_tokens" else fragment for fragment in fragments]
-    return any(fragment in name for fragment in fragments)
 
 
 # Where each part's modules come in the official checkpoint's module order (embed_tokens, the image embedding, the
@@ -349,30 +343,38 @@ def load_lora_weights(model, adapter_dir) -> None:
     logger.info("LoRA adapters start from %s", adapter_dir)
 
 
-def build_model(args, task, training_args):
-    """The model with exactly the parts to train left trainable (see set_trainable)."""
-    start_deepspeed_comm_for_zero3(training_args)
+def model_plan(args, task) -> ModelPlan:
+    """2U1's flags as a plan for the shared model set-up (phi3v.training.model_for_training): the quantisation,
+    the LoRA targets and options, then exactly the parts to train left trainable (see set_trainable)."""
     # As 2U1: a quantized base keeps the CLIP tower and the projector unquantized (they may train fully).
     skip = ("lm_head", "model.vision_embed_tokens.img_projection", "model.vision_embed_tokens.img_processor")
-    model = load_model(args.model_name_or_path, dtype=model_dtype(training_args),
-                       use_flash_attention=args.use_flash_attention, bits=task.bits, quant_type=task.quant_type,
-                       double_quant=task.double_quant, skip_modules=skip, cache_dir=task.cache_dir)
-    if task.bits < 16:
-        model = prepare_for_kbit_training(model)
+    load = dict(bits=task.bits, quant_type=task.quant_type, double_quant=task.double_quant, skip_modules=skip,
+                cache_dir=task.cache_dir)
+    lora = None
     if task.lora_enable:
-        targets = lora_targets(model, task)
-        if not targets:
+        lora = dict(rank=args.lora_rank, alpha=task.lora_alpha, dropout=args.lora_dropout, use_dora=args.use_dora,
+                    bias=task.lora_bias, modules_to_save=fully_trained_with_lora(task) or None)
+
+    def targets(model):
+        names = lora_targets(model, task)
+        if not names:
             fail(empty_lora_message(task))
-        model = apply_lora(model, rank=args.lora_rank, alpha=task.lora_alpha, dropout=args.lora_dropout,
-                           target_modules=targets, seed=training_args.seed, use_dora=args.use_dora,
-                           bias=task.lora_bias, modules_to_save=fully_trained_with_lora(task) or None)
+        return names
+
+    def finish(model):
         if task.lora_weight_path:
             load_lora_weights(model, task.lora_weight_path)
-    if task.vision_lora and not task.tune_img_projector:
-        logger.warning("--tune_img_projector False has no effect with --vision_lora (as in 2U1, the projector gets "
-                       "LoRA adapters): add 'img_projection' to --lora_namespan_exclude to leave it out")
-    set_trainable(model, task)
-    return place_and_report(model, training_args, quantized=task.bits < 16)
+        if task.vision_lora and not task.tune_img_projector:
+            logger.warning("--tune_img_projector False has no effect with --vision_lora (as in 2U1, the projector "
+                           "gets LoRA adapters): add 'img_projection' to --lora_namespan_exclude to leave it out")
+        set_trainable(model, task)
+
+    return ModelPlan(load=load, lora=lora, lora_targets=targets, finish=finish)
+
+
+def build_model(args, task, training_args):
+    """The model with exactly the parts to train left trainable: the shared set-up with this recipe's plan."""
+    return model_for_training(args, training_args, model_plan(args, task))
 
 
 def score(predictions):
@@ -431,10 +433,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    try:
-        run(argv)
-    except InputError as error:  # a bad flag or input file: the message names it; no traceback
-        fail(one_line(error))
+    exit_on_input_error(run)(argv)  # a bad flag or input file: one line, no traceback
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ as (normalised) exact match against the gold answers.
 """
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 from phi3v import Phi3VProcessor
@@ -29,7 +28,7 @@ from phi3v.arguments import parse_args
 from phi3v.checkpoints import prepare_resume
 from phi3v.data import check_media, load_records
 from phi3v.dataset import SFTDataset
-from phi3v.errors import exit_on_input_error
+from phi3v.errors import InputError, exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
 from phi3v.sources import take
@@ -58,14 +57,13 @@ class TaskArguments:
 
 def data_files(data_dir):
     """(train file, eval file) of data_dir; a missing file is a user mistake, reported in one line."""
-    error = f"{os.path.basename(sys.argv[0])}: error:"
     train_file = os.path.join(data_dir, TRAIN_FILE)
     if not os.path.isfile(train_file):
-        sys.exit(f"{error} no {TRAIN_FILE} in --data_dir {data_dir} (expected the output folder of convert_ucf101.py)")
+        raise InputError(f"no {TRAIN_FILE} in --data_dir {data_dir} (expected the output folder of convert_ucf101.py)")
     for name in EVAL_FILES:
         if os.path.isfile(os.path.join(data_dir, name)):
             return train_file, os.path.join(data_dir, name)
-    sys.exit(f"{error} no {' or '.join(EVAL_FILES)} in --data_dir {data_dir} to evaluate on")
+    raise InputError(f"no {' or '.join(EVAL_FILES)} in --data_dir {data_dir} to evaluate on")
 
 
 def load_data(args, task_args):

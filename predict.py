@@ -19,10 +19,10 @@ Generation is greedy and stops at the end of the assistant turn.
 import argparse
 import json
 import os
-import sys
 
 from phi3v.data import check_media, load_records, open_image
 from phi3v.dataset import SFTDataset
+from phi3v.errors import exit_on_input_error, exit_with_error
 from phi3v.evaluation import generate_answers
 
 # Loading, prompt building (LLaVA <image> tags too) and generation: one path shared with serve.py (the chat page).
@@ -138,13 +138,13 @@ def main(argv=None):
         inputs = read_records(args) if args.jsonl else read_images(args)
         model, processor = load_for_inference(args.model, args.base_model, dtype, device, args.use_flash_attention)
     except (FileNotFoundError, ValueError) as error:  # BadSampleError and VideoError are ValueErrors
-        sys.exit(f"predict.py: {error}")
+        exit_with_error(error)  # `predict.py: error: ...`, exit status 2, as every entry point (phi3v.errors)
     if args.jsonl:
-        return predict_file(model, processor, inputs, args)
+        return exit_on_input_error(predict_file)(model, processor, inputs, args)  # a record that does not read
     try:
         return stream_answer(model, processor, inputs, args)
     except ValueError as error:  # image tags that do not match the images, a prompt over the model's limit
-        sys.exit(f"predict.py: {error}")
+        exit_with_error(error)
 
 
 if __name__ == "__main__":

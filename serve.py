@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import re
-import sys
 import tempfile
 import threading
 import traceback
@@ -77,6 +76,7 @@ def one_line(error) -> str:
 
 def load_slots(args) -> list[Slot]:
     """The models to serve; a folder that does not load ends the program with one line naming it."""
+    from phi3v.errors import exit_with_error  # `serve.py: error: ...`, exit status 2, as every entry point
     from phi3v.inference import describe_model_folder, load_for_inference, pick_device_and_dtype
 
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
@@ -87,13 +87,13 @@ def load_slots(args) -> list[Slot]:
         try:
             describe_model_folder(path, base)
         except (OSError, ValueError) as error:
-            sys.exit(f"serve.py: {flag} {path}: {one_line(error)}")
+            exit_with_error(f"{flag} {path}: {one_line(error)}")
     slots = []
     for flag, path, base in wanted:
         try:
             model, processor = load_for_inference(path, base, dtype, device, args.use_flash_attention)
         except Exception as error:  # noqa: BLE001 -- any failure to load is reported as one line at start-up
-            sys.exit(f"serve.py: {flag} {path} does not load: {one_line(error)}")
+            exit_with_error(f"{flag} {path} does not load: {one_line(error)}")
         slots.append(Slot(f"{flag} {path}", model, processor, threading.Lock()))
     return slots
 

@@ -1,11 +1,19 @@
-"""Errors in what the user gave (flags, data files, folders), and how the recipes print them: one line, no traceback.
+"""Errors in what the user gave (flags, data files, folders), and how every entry point reports them.
 
 An InputError's message says what is wrong and where (the flag, the file and line, the sample). Everything else
 is a bug and keeps its traceback.
+
+One convention for every script (the recipes, predict.py, serve.py, scripts/merge_lora.py, convert_ucf101.py):
+argparse's own. A user error ends the program with one line on stderr, `<script>: error: <message>`, and exit
+status 2, as `parser.error` does (which prints the usage line before it).
 """
 
 import functools
+import os
 import sys
+from typing import NoReturn
+
+USER_ERROR_STATUS = 2  # argparse's
 
 
 class InputError(ValueError):
@@ -20,14 +28,37 @@ def one_line(error) -> str:
     return " ".join(text.split("\n"))
 
 
+def program_name() -> str:
+    """The script's name as argparse's messages give it (the file name of sys.argv[0])."""
+    return os.path.basename(sys.argv[0])
+
+
+class UserErrorExit(SystemExit):
+    """The SystemExit of a user error: exit status 2; str() is the line printed, `<script>: error: <message>`."""
+
+    def __init__(self, message):
+        super().__init__(USER_ERROR_STATUS)
+        self.line = f"{program_name()}: error: {one_line(message)}"
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def exit_with_error(message) -> NoReturn:
+    """End the program on a user error: `<script>: error: <message>` (one line) on stderr, exit status 2."""
+    error = UserErrorExit(message)
+    print(error.line, file=sys.stderr, flush=True)
+    raise error
+
+
 def exit_on_input_error(main):
-    """Run `main` (a recipe's entry point); an InputError ends the process with `error: <message>` (exit code 1)."""
+    """Run `main` (an entry point); an InputError ends the process the way exit_with_error does."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except InputError as error:
-            sys.exit(f"error: {one_line(error)}")
+            exit_with_error(error)
 
     return wrapper

@@ -34,21 +34,18 @@ def load_model(
     model_name_or_path: str,
     dtype: torch.dtype = torch.float32,
     use_flash_attention: bool = False,
-    use_qlora: bool = False,
     bits: int = 16,
     quant_type: str = "nf4",
     double_quant: bool = True,
     skip_modules=("lm_head",),
     cache_dir: str | None = None,
 ) -> Phi3VForCausalLM:
-    """The model in `dtype`; with use_qlora (or bits 4 / 8) its linear layers quantized by bitsandbytes, except the
+    """The model in `dtype`; with bits 4 or 8 (QLoRA: 4) its linear layers quantized by bitsandbytes, except the
     modules named in skip_modules (4-bit: `quant_type` nf4 or fp4, double-quantized unless double_quant is False).
     cache_dir: where hub downloads go (the hub's default cache when None)."""
     kwargs = {"dtype": dtype, "attn_implementation": attention_implementation(use_flash_attention)}
     if cache_dir:
         kwargs["cache_dir"] = cache_dir
-    if use_qlora:
-        bits = 4
     if bits in (4, 8):
         from transformers import BitsAndBytesConfig
 
@@ -62,7 +59,8 @@ def load_model(
                 llm_int8_skip_modules=list(skip_modules),
             )
         else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True,
+                                                               llm_int8_skip_modules=list(skip_modules))
         kwargs["dtype"] = compute_dtype
         kwargs["device_map"] = {"": _local_device()}
     elif bits != 16:
@@ -99,7 +97,7 @@ def lora_target_modules(
 
     vision: the CLIP layers that are used (the last one never is); projector: img_projection (defaults to
     `vision`); num_layers: -1 for every decoder/CLIP layer, else only the last N of each; exclude: name
-    fragments to skip.
+    fragments to skip (the rule of `excluded`).
     """
     projector = vision if projector is None else projector
     base = _base(model)
@@ -108,9 +106,8 @@ def lora_target_modules(
     vision_layers = list(range(embedding.layers_used))
     if num_layers > 0:
         language_layers, vision_layers = language_layers[-num_layers:], vision_layers[-num_layers:]
-    patterns = [
-        rf"model\.layers\.({'|'.join(map(str, language_layers))})\.(self_attn|mlp)\.({'|'.join(LANGUAGE_LORA_TARGETS)})$",
-    ]
+    language = "|".join(LANGUAGE_LORA_TARGETS)
+    patterns = [rf"model\.layers\.({'|'.join(map(str, language_layers))})\.(self_attn|mlp)\.({language})$"]
     if lm_head:
         patterns.append(r"^lm_head$")
     if vision and vision_layers:
@@ -122,7 +119,15 @@ def lora_target_modules(
         patterns.append(r"vision_embed_tokens\.img_projection\.(0|2)$")
     pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
     names = [name for name, _ in base.named_modules() if pattern.search(name)]
-    return [name for name in names if not any(fragment in name for fragment in exclude)]
+    return [name for name in names if not excluded(name, exclude)]
+
+
+def excluded(name, fragments) -> bool:
+    """The one LoRA-exclusion rule (2U1's, the custom recipe's --lora_namespan_exclude): a module is left out when
+    its name contains one of the fragments; "embed_tokens" stands for the language model's token embedding
+    (model.embed_tokens) alone, not model.vision_embed_tokens.*."""
+    fragments = ["model.embed_tokens" if fragment == "embed_tokens" else fragment for fragment in fragments]
+    return any(fragment in name for fragment in fragments)
 
 
 def apply_lora(

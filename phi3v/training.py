@@ -2,6 +2,8 @@
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
@@ -32,40 +34,61 @@ def setup_logging(training_args) -> None:
     )
 
 
-def model_for_training(args, training_args):
-    """Load the model and prepare it for the chosen strategy: full, frozen vision, LoRA or QLoRA.
+@dataclass
+class ModelPlan:
+    """What a recipe family's flags make of the model, for model_for_training: the four task recipes' flags
+    (`task_recipe_plan`) and the custom recipe's (2U1's) mean different things, the steps are the same."""
+
+    load: dict = field(default_factory=dict)  # load_model's options: bits (quantisation), quant_type, skip_modules...
+    freeze: Callable | None = None  # model -> None: freezes parts of the base model, before LoRA
+    lora: dict | None = None  # apply_lora's options (rank, alpha, dropout, ...); None: no LoRA
+    lora_targets: Callable | None = None  # model -> the names of the modules LoRA wraps
+    finish: Callable | None = None  # model -> None: after LoRA, the last word on what trains
+
+    @property
+    def quantized(self) -> bool:
+        return self.load.get("bits", 16) < 16
+
+
+def task_recipe_plan(args) -> ModelPlan:
+    """The four task recipes' strategies: full, frozen vision, LoRA or QLoRA.
 
     As the original recipe (its published results): --freeze_vision_model freezes the whole image embedding and the
     token embeddings; LoRA adapts lm_head too. --freeze_clip_only and --lora_exclude_lm_head opt out (README,
     "Strategies")."""
+    frozen = args.freeze_vision_model or args.freeze_clip_only
+    freeze = freeze_vision_tower if args.freeze_clip_only else freeze_vision_embedding if frozen else None
+    lora = None
+    if args.use_lora:  # alpha as the original's create_lora_config
+        lora = dict(rank=args.lora_rank, alpha=round(args.lora_rank * args.lora_alpha_ratio), dropout=args.lora_dropout,
+                    use_dora=args.use_dora)
+
+    def targets(model):
+        return lora_target_modules(model, vision=not frozen, projector=not frozen or args.freeze_clip_only,
+                                   lm_head=not args.lora_exclude_lm_head)
+
+    return ModelPlan(load={"bits": 4 if args.use_qlora else 16}, freeze=freeze, lora=lora, lora_targets=targets)
+
+
+def model_for_training(args, training_args, plan: ModelPlan | None = None):
+    """The model of every recipe, with what trains left trainable: loaded (quantized with the plan's bits), parts
+    frozen, prepared for k-bit training, LoRA adapters, the plan's last word, then placed on this process's device.
+
+    args: the shared recipe arguments (model_name_or_path, use_flash_attention); plan: the task recipes' own
+    (task_recipe_plan(args)) unless given."""
+    plan = plan or task_recipe_plan(args)
     start_deepspeed_comm_for_zero3(training_args)
-    model = load_model(
-        args.model_name_or_path,
-        dtype=model_dtype(training_args),
-        use_flash_attention=args.use_flash_attention,
-        use_qlora=args.use_qlora,
-    )
-    if args.freeze_clip_only:
-        freeze_vision_tower(model)
-    elif args.freeze_vision_model:
-        freeze_vision_embedding(model)
-    if args.use_qlora:
+    model = load_model(args.model_name_or_path, dtype=model_dtype(training_args),
+                       use_flash_attention=args.use_flash_attention, **plan.load)
+    if plan.freeze is not None:
+        plan.freeze(model)
+    if plan.quantized:
         model = prepare_for_kbit_training(model)
-    if args.use_lora:
-        frozen = args.freeze_vision_model or args.freeze_clip_only
-        model = apply_lora(
-            model,
-            rank=args.lora_rank,
-            alpha=round(args.lora_rank * args.lora_alpha_ratio),  # as the original's create_lora_config
-            dropout=args.lora_dropout,
-            target_modules=lora_target_modules(
-                model, vision=not frozen, projector=not frozen or args.freeze_clip_only,
-                lm_head=not args.lora_exclude_lm_head,
-            ),
-            seed=training_args.seed,
-            use_dora=args.use_dora,
-        )
-    return place_and_report(model, training_args, quantized=args.use_qlora)
+    if plan.lora is not None:
+        model = apply_lora(model, target_modules=plan.lora_targets(model), seed=training_args.seed, **plan.lora)
+    if plan.finish is not None:
+        plan.finish(model)
+    return place_and_report(model, training_args, quantized=plan.quantized)
 
 
 def start_deepspeed_comm_for_zero3(training_args) -> None:

@@ -9,11 +9,11 @@ when the run saved one there (it holds the run's num_crops), else from the base.
 
 import argparse
 import os
-import sys
 
 import torch
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
+from phi3v.errors import exit_with_error
 from phi3v.model_setup import load_adapter, recorded_base_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -24,10 +24,10 @@ def base_model_of(adapter_dir: str) -> str:
     try:
         base = recorded_base_model(adapter_dir)
     except FileNotFoundError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(error)
     if not base:
-        sys.exit(f"error: {os.path.join(adapter_dir, 'adapter_config.json')} does not name its base model; "
-                 "pass --base_model")
+        exit_with_error(f"{os.path.join(adapter_dir, 'adapter_config.json')} does not name its base model; "
+                        "pass --base_model")
     return base
 
 
@@ -52,7 +52,7 @@ def main():
     try:  # an adapter of another base model, a missing folder: one line, nothing written
         merge(args.adapter_dir, args.output_dir, args.base_model, args.dtype)
     except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(error)  # `merge_lora.py: error: ...`, exit status 2, as every entry point (phi3v.errors)
     print(f"merged model saved to {args.output_dir}")
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from phi3v import Phi3VForCausalLM
+from phi3v.errors import program_name
 from phi3v.model_setup import adapter_tensor_shapes, apply_lora, load_adapter, lora_target_modules
 from phi3v.tiny import tiny_config
 
@@ -101,7 +102,7 @@ def test_predict_and_merge_lora_refuse_in_one_line_and_write_nothing(tiny_checkp
     expected = f"{adapter}: this LoRA adapter does not fit the base model {tiny_checkpoint}: 12 of its 16 tensors"
     with pytest.raises(SystemExit) as error:
         predict.main(["--model", adapter, "--base_model", tiny_checkpoint, "--prompt", "Hi"])
-    assert str(error.value).startswith(f"predict.py: {expected}")
+    assert error.value.code == 2 and str(error.value).startswith(f"{program_name()}: error: {expected}")
 
     merge_lora = merge_lora_script()
     output_dir = tmp_path / "merged"
@@ -109,7 +110,7 @@ def test_predict_and_merge_lora_refuse_in_one_line_and_write_nothing(tiny_checkp
                                       "--base_model", tiny_checkpoint, "--dtype", "float32"])
     with pytest.raises(SystemExit) as error:
         merge_lora.main()
-    assert str(error.value).startswith(f"error: {expected}")
+    assert error.value.code == 2 and str(error.value).startswith(f"merge_lora.py: error: {expected}")
     assert not output_dir.exists()
 
 

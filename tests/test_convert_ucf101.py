@@ -247,9 +247,12 @@ def test_split_order_and_root_detection(dataset):
 def test_user_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
     (tmp_path / "empty/train/A").mkdir(parents=True)
     args = [a.replace("{empty}", str(tmp_path / "empty")) for a in args]
-    assert main(args + ["--out_dir", str(tmp_path / "out"), "--no-tqdm"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--out_dir", str(tmp_path / "out"), "--no-tqdm"])
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"{os.path.basename(sys.argv[0])}: error: ")
 
 
 @pytest.mark.parametrize("args", [["--num_frames", "0"], ["--num_workers", "0"], ["--video_dir", "a", "--archive", "b"]])
@@ -266,14 +269,19 @@ def test_download_failure_points_to_local_options(tmp_path, capsys, monkeypatch)
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    assert main(["--out_dir", str(tmp_path), "--no-tqdm"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--out_dir", str(tmp_path), "--no-tqdm"])
+    assert e.value.code == 2
     err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
     assert "could not download sayakpaul/ucf101-subset" in err and "--archive" in err and "--video_dir" in err
 
 
 def test_num_frames_change_needs_new_out_dir(converted, dataset, capsys):
     out, _ = converted
-    assert main(["--video_dir", str(dataset), "--out_dir", str(out), "--num_frames", "8", "--no-tqdm"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--video_dir", str(dataset), "--out_dir", str(out), "--num_frames", "8", "--no-tqdm"])
+    assert e.value.code == 2 and "--num_frames 4" in str(e.value)
     assert "--num_frames 4" in capsys.readouterr().err
 
 

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the script is imported as a module for the in-process checks
 
 import finetune_hf_trainer_custom as custom  # noqa: E402
+from phi3v.errors import program_name  # noqa: E402
 
 TIMEOUT_S = 300
 PAD = type("Processor", (), {"pad_token_id": 32000})()  # all make_trainer needs of a processor here
@@ -248,7 +249,8 @@ def test_namespan_exclude_is_honoured(work):
 def test_embed_tokens_without_lm_head_is_refused(work):
     with pytest.raises(SystemExit) as error:
         parse(work, "--lora_enable", "--lora_namespan_exclude", "['lm_head']")
-    assert error.value.code == "error: tuning embed_tokens with LoRA requires lm_head too"
+    assert error.value.code == 2  # argparse's status for a user error; the one line argparse's form:
+    assert str(error.value) == f"{program_name()}: error: tuning embed_tokens with LoRA requires lm_head too"
 
 
 def test_model_id_alias(work):
@@ -328,9 +330,9 @@ def test_bad_input_is_a_one_line_error(work, bad_files, tmp_path, case):
         where = f"{data_path}[1]"  # the file and the record index
     with pytest.raises(SystemExit) as error:
         run_main(work, data_path, tmp_path)
-    text = error.value.code
+    text = str(error.value)
     print(text)
-    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text
+    assert error.value.code == 2 and text.startswith(f"{program_name()}: error: ") and "\n" not in text
     assert where in text and message in text
 
 

@@ -23,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import finetune_hf_trainer_custom as custom  # noqa: E402
+import phi3v.training  # noqa: E402
 from phi3v.arguments import RecipeArguments, parse_args  # noqa: E402
-from phi3v.errors import InputError  # noqa: E402
+from phi3v.errors import InputError, program_name  # noqa: E402
 
 FAST = ["--num_crops", "1", "--report_to", "none", "--deepspeed", "none", "--dataloader_num_workers", "0",
         "--save_strategy", "no", "--no-tqdm"]
@@ -53,13 +54,15 @@ def custom_parse(work, *flags):
 
 
 def error_line(call) -> str:
-    """The message a recipe exits with (SystemExit('error: ...')), checked to be one line."""
+    """The message an entry point exits with, from "error: " on: checked to be the one line `<script>: error: ...`
+    with exit status 2, argparse's way (phi3v.errors)."""
     with pytest.raises(SystemExit) as error:
         call()
-    text = error.value.code
+    text = str(error.value)
     print(text)
-    assert isinstance(text, str) and "\n" not in text and text.startswith("error: ")
-    return text
+    assert error.value.code == 2
+    assert "\n" not in text and text.startswith(f"{program_name()}: error: ")
+    return text.removeprefix(f"{program_name()}: ")
 
 
 # ------------------------------------------------------------------------------------------------ 2U1's rules
@@ -285,7 +288,7 @@ def test_dora_bias_and_quantization_flags_reach_peft_and_bitsandbytes(work, monk
         seen.update(kwargs)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(custom, "load_model", fake_load_model)
+    monkeypatch.setattr(phi3v.training, "load_model", fake_load_model)  # the set-up both recipe families share
     args, task, training_args = custom_parse(work, *FAST, "--lora_enable", "--bits", "4", "--quant_type", "fp4",
                                              "--double_quant", "False", "--cache_dir", str(work["root"] / "cache"))
     with pytest.raises(RuntimeError, match="stop here"):
@@ -441,7 +444,8 @@ def test_bad_media_is_found_before_the_model_loads(work, tmp_path, monkeypatch):
     (tmp_path / "media" / "cat.jpg").write_text("not a picture")
     data = tmp_path / "bad.json"
     data.write_text(json.dumps([RECORD]))
-    monkeypatch.setattr(custom, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data check"))
+    monkeypatch.setattr(phi3v.training, "load_model",
+                        lambda *a, **k: pytest.fail("the model loaded before the data check"))
     text = error_line(lambda: custom.main(["--model_id", work["model"], "--data_path", str(data), "--image_folder",
                                            str(tmp_path / "media"), "--output_dir", str(tmp_path / "o"), *FAST]))
     assert text == (f"error: {data}[0]: not an image file (or unsupported format): {tmp_path / 'media' / 'cat.jpg'}")

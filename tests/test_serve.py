@@ -320,13 +320,15 @@ def test_a_model_folder_that_does_not_load_fails_at_start_up_with_one_line(tmp_p
 
     with pytest.raises(SystemExit) as error:  # the checks of the folder that come before any weights are read
         serve.load_slots(serve.parse_args(["--model", files["base"], "--compare", str(tmp_path / "gone")]))
-    assert str(error.value) == f"serve.py: --compare {tmp_path / 'gone'}: {tmp_path / 'gone'}: no such model folder"
+    assert error.value.code == 2
+    assert str(error.value) == (f"{os.path.basename(sys.argv[0])}: error: --compare {tmp_path / 'gone'}: "
+                                f"{tmp_path / 'gone'}: no such model folder")
 
     folder = tmp_path / "run"  # weights that do not read: the whole program, as a person starts it
     shutil.copytree(files["base"], folder)
     (folder / "model.safetensors").write_bytes(b"not safetensors")
     result = subprocess.run([sys.executable, "serve.py", "--model", str(folder), "--port", str(_free_port())],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
-    expected = f"serve.py: --model {folder} does not load: Error while deserializing header: header too large"
+    assert result.returncode == 2
+    expected = f"serve.py: error: --model {folder} does not load: Error while deserializing header: header too large"
     assert result.stderr.strip().splitlines() == [expected]
