@@ -97,7 +97,8 @@ def runs(work):
                  work["train"]),
         "lora_vision": (["bash", "scripts/finetune_lora_vision.sh", *FAST, *FRAMES, "--max_steps", "1"], work["train"]),
         # the launcher's own frame count (10)
-        "video": (["bash", "scripts/finetune_video.sh", *FAST, "--max_steps", "1"], work["video"]),
+        "video": (["bash", "scripts/finetune_video.sh", *FAST, "--max_steps", "1", "--eval_data_path", work["video"],
+                   "--max_new_tokens", "2"], work["video"]),
     }
     started = {}
     for name, (command, data_path) in planned.items():
@@ -349,7 +350,10 @@ def test_finetune_sh_full_with_eval_and_group_lrs(runs):
     for name in ("eval_before", "eval_after"):
         with open(os.path.join(output_dir, f"{name}.json")) as f:
             report = json.load(f)
-        assert 0 <= report["exact_match"] <= 1 and 0 <= report["anls"] <= 1 and report["num_samples"] == 2
+        assert [(p["id"], p["answer"]) for p in report["predictions"]] == [("cat-1", "Grey."),
+                                                                          ("pair-1", "The colour of the car.")]
+        metric, value, other = custom.score(report["predictions"])  # the numbers are those of the answers written
+        assert (report[metric], report["anls"], report["num_samples"]) == (value, other["anls"], 2)
     with open(os.path.join(output_dir, "checkpoint-2", "trainer_state.json")) as f:
         history = [entry for entry in json.load(f)["log_history"] if "loss" in entry]
     assert len(history) == 2
@@ -398,6 +402,28 @@ def test_finetune_lora_vision_sh(runs):
     assert any("img_processor" in t for t in targets) and any("qkv_proj" in t for t in targets)
 
 
-def test_finetune_video_sh(runs):
+def test_finetune_video_sh(runs, work):
+    """scripts/finetune_video.sh: its settings reach the recipe (10 frames a video, the vision tower frozen, 2e-5 for
+    the language model and the projector), everything but the CLIP tower trains, and the run evaluates the videos."""
+    from phi3v import Phi3VForCausalLM
+
     output_dir, log = finished(runs, "video")
+    with open(os.path.join(output_dir, "run_config.json")) as f:
+        config = json.load(f)
+    task = config["task_args"]
+    assert (task["max_num_frames"], task["freeze_vision_tower"], task["projector_lr"]) == (10, True, 2e-5)
+    assert config["training_args"]["learning_rate"] == 2e-5
+    parameters = dict(Phi3VForCausalLM.from_pretrained(work["model"]).named_parameters())
+    trainable = sum(p.numel() for name, p in parameters.items() if ".img_processor." not in name)
+    total = sum(p.numel() for p in parameters.values())
+    assert f"trainable parameters: {trainable:,} of {total:,} " in log, log[-3000:]
+    groups = sorted(line.split("optimizer group ")[1].split()[0] for line in log.splitlines()
+                    if "optimizer group " in line)
+    assert groups == ["language", "language_no_decay", "projector", "projector_no_decay"]  # no vision group
+    for name in ("eval_before", "eval_after"):
+        with open(os.path.join(output_dir, f"{name}.json")) as f:
+            report = json.load(f)
+        assert [(p["id"], p["answer"]) for p in report["predictions"]] == [("clip-1", "The screen gets brighter.")] * 2
+        metric, value, other = custom.score(report["predictions"])
+        assert (report[metric], report["anls"]) == (value, other["anls"])
     assert os.path.isfile(os.path.join(output_dir, "model.safetensors"))
