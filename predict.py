@@ -21,7 +21,6 @@ import json
 import os
 
 from phi3v.data import check_media, load_records, open_image
-from phi3v.dataset import SFTDataset
 from phi3v.errors import exit_on_input_error, exit_with_error
 from phi3v.evaluation import generate_answers
 
@@ -29,6 +28,7 @@ from phi3v.evaluation import generate_answers
 from phi3v.inference import (  # noqa: F401  (describe_model_folder, llava_tags, user_message: predict.X for callers)
     DTYPES,
     GenerationSettings,
+    RecordPrompts,
     answer,
     conversation,
     describe_model_folder,
@@ -111,8 +111,8 @@ def score(predictions, metric) -> float:
 
 
 def predict_file(model, processor, records, args) -> dict:
-    dataset = SFTDataset(records, processor, num_crops=args.num_crops, max_num_frames=args.num_frames)
-    predictions = generate_answers(model, processor, dataset, args.batch_size, args.max_new_tokens,
+    prompts = RecordPrompts(records, processor, num_crops=args.num_crops, max_num_frames=args.num_frames)
+    predictions = generate_answers(model, processor, prompts, args.batch_size, args.max_new_tokens,
                                    num_crops=args.num_crops, description="predict")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

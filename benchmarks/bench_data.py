@@ -166,7 +166,7 @@ def measure_stages(dataset, collator, batch_size: int) -> dict:
     over every sample of the data set: mean and median wall time, and mean CPU time of
     this thread (what the stage costs on a core of its own, whatever else the machine runs). Nothing is kept from
     one batch to the next (as in a worker, which sends each batch away), so that memory is reused as it is there."""
-    from phi3v.collator import tokenize_conversation
+    from phi3v.conversation import tokenize_conversation
     from phi3v.data import load_record_images
 
     wall = {stage: [] for stage in (*STAGES, "dataset_item")}

@@ -36,10 +36,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from phi3v.conversation import check_messages
 from phi3v.errors import InputError
 from phi3v.image_processing import to_rgb
 from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE
-from phi3v.processing import check_text, image_tag_block
+from phi3v.processing import check_image_tags, check_text, image_tag_block
 
 logger = logging.getLogger(__name__)
 
@@ -57,38 +58,20 @@ class BadSampleError(InputError):
 # validation shared by both formats
 
 
-def check_messages(messages, source):
-    """Each message a dict with a known role and string content (records made by a recipe's to_record skip the
-    file loaders' checks)."""
-    if not isinstance(messages, list) or not messages:
-        raise BadSampleError(f"{source}: 'messages' must be a non-empty list, got {messages!r}")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            roles = "'system', 'user' or 'assistant'"
-            raise BadSampleError(f"{source}: a message must be a dict with role {roles}, got {m!r}")
-        if not isinstance(m.get("content"), str):
-            kind = type(m.get("content")).__name__
-            raise BadSampleError(f"{source}: {m['role']} content must be a string, got {kind}")
-
-
-def check_image_tags(messages, num_images, source):
-    """Check the tags are <|image_1|>..<|image_n|> in textual order, each once, n == num_images."""
-    found = []
+def check_record_tags(messages, num_images, source):
+    """A record's image tags: in user messages only, and over the whole conversation <|image_1|>..<|image_n|> in
+    textual order, each once, n == num_images (processing.check_image_tags, the one check of the numbering)."""
     for message in messages:
-        numbers = [int(k) for k in IMAGE_TAG_RE.findall(message["content"])]
+        numbers = IMAGE_TAG_RE.findall(message["content"])
         if numbers and message["role"] != "user":
             raise BadSampleError(
                 f"{source}: image tag <|image_{numbers[0]}|> in a {message['role']} message; "
                 "tags belong in user messages"
             )
-        found += numbers
-    if len(found) != num_images:
-        raise BadSampleError(f"{source}: {len(found)} image tags but {num_images} images")
-    if found != list(range(1, num_images + 1)):
-        got = ", ".join(f"<|image_{k}|>" for k in found)
-        raise BadSampleError(
-            f"{source}: image tags must be <|image_1|>..<|image_{num_images}|> in order, each once; got {got}"
-        )
+    try:
+        check_image_tags("\n".join(message["content"] for message in messages), num_images)
+    except ValueError as error:
+        raise BadSampleError(f"{source}: {error}") from None
 
 
 def _check_turns(messages, source):
@@ -207,7 +190,7 @@ def _parse_llava(obj, source, image_folder):
                 raise BadSampleError(f"{source}: {tag} tag in a {m['role']} message; tags belong in user messages")
 
     num_tags = sum(m["content"].count(LLAVA_IMAGE_TAG) for m in messages)
-    # already in Phi-3-V form (<|image_k|>): keep, check_image_tags validates them later
+    # already in Phi-3-V form (<|image_k|>): keep, check_record_tags validates them later
     pretagged = num_tags == 0 and any(IMAGE_TAG_RE.search(m["content"]) for m in messages)
     if paths and num_tags == 0 and not pretagged:
         # what LLaVA tools do with untagged images: put them before the first question
@@ -250,7 +233,7 @@ def _parse_record(obj, source, default_id, image_folder, data_path):
             f"{source}: cannot tell the format: conversation turns need 'from'/'value' (LLaVA) "
             "or 'user'/'assistant' keys"
         )
-    check_image_tags(record["messages"], len(record["images"]), source)
+    check_record_tags(record["messages"], len(record["images"]), source)
     record_id = obj.get("id")
     return {"id": str(record_id) if record_id is not None else default_id, "source": source, **record}
 
@@ -466,7 +449,10 @@ def load_record_images(record, max_num_frames=10):
     The record itself is not modified.
     """
     source = record["source"]
-    check_messages(record["messages"], source)
+    try:  # the one check of the messages, first: records made by a recipe's to_record skip the loaders' checks
+        check_messages(record["messages"])
+    except ValueError as error:
+        raise BadSampleError(f"{source}: {error}") from None
     messages = [dict(m) for m in record["messages"]]
     if record.get("video"):
         # video decoding pulls in PyAV; only import it when a record has a video
@@ -487,5 +473,5 @@ def load_record_images(record, max_num_frames=10):
         m["content"] = re.sub(re.escape(VIDEO_PLACEHOLDER) + r"\n?", lambda _: tags, m["content"], count=1)
     else:
         images = [open_image(p, source) for p in record["images"]]
-    check_image_tags(messages, len(images), source)
+    check_record_tags(messages, len(images), source)
     return images, messages

@@ -1,14 +1,30 @@
-"""SFTDataset: records (or any rows plus a function that turns a row into a record) -> training examples."""
+"""SFTDataset: records (or any rows plus a function that turns a row into a record) -> training examples, and the
+generation example of a record (its prompt up to the last answer) that evaluation and predict.py answer."""
 
 import logging
 
 import torch
 
-from phi3v.collator import tokenize_conversation
+from phi3v.conversation import generation_prompt, tokenize_conversation
 from phi3v.data import BadSampleError, load_record_images
 from phi3v.sources import rows_name
 
 logger = logging.getLogger(__name__)
+
+
+def generation_example(processor, record, max_num_frames=10) -> dict:
+    """What the model is asked for a record: {"id", "prompt" (the conversation up to its last answer, with the
+    generation prompt), "images", "answer" (the last answer), "answers" (every gold answer, when the record has
+    several)}. BadSampleError, naming the record, when it cannot be read."""
+    images, messages = load_record_images(record, max_num_frames)
+    try:
+        prompt, answer = generation_prompt(processor, messages)
+    except ValueError as error:
+        raise BadSampleError(f"{record['source']}: {error}") from None
+    example = {"id": record["id"], "prompt": prompt, "images": images, "answer": answer}
+    if record.get("answers") is not None:  # several gold answers (DocVQA)
+        example["answers"] = list(record["answers"])
+    return example
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -65,6 +81,10 @@ class SFTDataset(torch.utils.data.Dataset):
             raise BadSampleError(f"{record['source']}: {error}") from None
         example["sample_id"] = record["id"]  # names the samples of a batch in error messages
         return example
+
+    def generation_example(self, index) -> dict:
+        """Item `index` as evaluation asks it (see generation_example); BadSampleError if it cannot be read."""
+        return generation_example(self.processor, self.record(index), self.max_num_frames)
 
     def __getitem__(self, index):
         if not self.skip_bad_samples:

@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from phi3v.collator import generation_prompt
-from phi3v.data import BadSampleError, load_record_images
+from phi3v.data import BadSampleError
 from phi3v.processing import STOP_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
@@ -39,8 +38,11 @@ def generate_answers(
     progress: bool = True,
     description: str = "eval",
 ) -> list[dict]:
-    """Greedy answers for every record of an SFTDataset: [{"id", "prediction", "answer"}] in dataset order.
+    """Greedy answers for every record of `dataset`: [{"id", "prediction", "answer"}] in dataset order.
 
+    dataset: an SFTDataset, or anything with its generation API: len(), generation_example(index) (a dict with
+    "id", "prompt", "images", "answer", maybe "answers"; BadSampleError for a record that cannot be read),
+    skip_bad_samples and num_crops (predict.py's inference.RecordPrompts).
     Each rank answers every world_size-th record (left-padded batches); the results are gathered on all ranks.
     With the dataset's skip_bad_samples, a record that cannot be read is logged and left out of the answers.
     """
@@ -90,9 +92,7 @@ def _prompt_for(dataset, processor, index, real: bool, description: str) -> dict
     dropped). A repeated record (real False) keeps a rank's batch count equal to the others'; with the dataset's
     skip_bad_samples a bad record is logged and replaced by a text-only stand-in, so the batch keeps its size."""
     try:
-        record = dataset.record(index)
-        images, messages = load_record_images(record, dataset.max_num_frames)
-        prompt, answer = generation_prompt(processor, messages)
+        example = dataset.generation_example(index)
     except BadSampleError as error:
         if not dataset.skip_bad_samples:
             raise
@@ -100,10 +100,10 @@ def _prompt_for(dataset, processor, index, real: bool, description: str) -> dict
             logger.warning("%s: skipping bad sample: %s", description, error)
         prompt = processor.apply_chat_template([{"role": "user", "content": "-"}], add_generation_prompt=True)
         return {"prompt": prompt, "images": [], "item": None}
-    item = {"index": index, "id": record["id"], "prediction": None, "answer": answer}
-    if record.get("answers") is not None:  # several gold answers (DocVQA)
-        item["answers"] = list(record["answers"])
-    return {"prompt": prompt, "images": images, "item": item if real else None}
+    item = {"index": index, "id": example["id"], "prediction": None, "answer": example["answer"]}
+    if "answers" in example:  # several gold answers (DocVQA)
+        item["answers"] = example["answers"]
+    return {"prompt": example["prompt"], "images": example["images"], "item": item if real else None}
 
 
 def write_report(

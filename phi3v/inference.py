@@ -8,6 +8,8 @@ predict.py does for the same inputs and settings.
 - `conversation(turns, system)`: the chat messages, each user turn with one `<|image_k|>` tag line per image of
   that turn in front (numbering continues over the turns), unless the question already has its tags.
 - `answer(model, processor, messages, images, settings, streamer)`: the reply to the last user turn.
+- `RecordPrompts(records, processor)`: the records of a data file as prompts to answer in batches
+  (phi3v.evaluation.generate_answers), each prepared when its batch comes.
 """
 
 import os
@@ -18,6 +20,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from phi3v.data import IMAGE_TAG_RE, LLAVA_IMAGE_TAG
+from phi3v.dataset import generation_example
 from phi3v.model_setup import attention_implementation, load_adapter, recorded_base_model
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import STOP_TOKEN_IDS, Phi3VProcessor, image_tag_block
@@ -108,6 +111,25 @@ def conversation(turns, system=None) -> list[dict]:
         if reply is not None:
             messages.append({"role": "assistant", "content": reply})
     return messages
+
+
+@dataclass
+class RecordPrompts:
+    """Records to answer (predict.py --jsonl): each one's generation example (its conversation up to the last
+    answer, its images; phi3v.dataset.generation_example) made when generate_answers asks for it. No training
+    example is built: nothing is tokenized with labels."""
+
+    records: list
+    processor: Phi3VProcessor
+    num_crops: int | None = None
+    max_num_frames: int = 10
+    skip_bad_samples: bool = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def generation_example(self, index) -> dict:
+        return generation_example(self.processor, self.records[index], self.max_num_frames)
 
 
 # ------------------------------------------------------------------------------------------------ generation

@@ -112,10 +112,8 @@ class Phi3VProcessor:
 
     # ---------------------------------------------------------------- text
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render a conversation with the Phi-3 chat template (contents are strings with inline image tags)."""
-        for message in messages:
-            if not isinstance(message.get("content"), str):
-                raise ValueError(f"message content must be a string with inline image tags, got {message!r}")
+        """Render a conversation with the Phi-3 chat template (contents are strings with inline image tags; checked
+        by phi3v.conversation.check_messages on the training and evaluation paths)."""
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )

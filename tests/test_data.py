@@ -6,7 +6,7 @@ from PIL import Image
 
 from phi3v.data import (
     BadSampleError,
-    check_image_tags,
+    check_record_tags,
     load_record_images,
     load_records,
     load_records_with_report,
@@ -374,20 +374,21 @@ def test_tags_out_of_order(tmp_path, llava):
     with pytest.raises(BadSampleError) as e:
         load_records(path, image_folder=llava)
     assert str(e.value) == (
-        f"{path}[0]: image tags must be <|image_1|>..<|image_2|> in order, each once; got <|image_2|>, <|image_1|>"
+        f"{path}[0]: image tags must be <|image_1|>, <|image_2|>, ... in order, each once; "
+        "found <|image_2|>, <|image_1|>"
     )
 
 
-def test_check_image_tags():
+def test_check_record_tags():
     user = lambda text: [{"role": "user", "content": text}, {"role": "assistant", "content": "a"}]  # noqa: E731
-    check_image_tags(user("<|image_1|>\n<|image_2|>\nq"), 2, "s")
-    check_image_tags(user("no images"), 0, "s")
-    with pytest.raises(BadSampleError, match=r"^s: 1 image tags but 2 images$"):
-        check_image_tags(user("<|image_1|>"), 2, "s")
-    with pytest.raises(BadSampleError, match=r"^s: image tags must be .* got <\|image_1\|>, <\|image_1\|>$"):
-        check_image_tags(user("<|image_1|><|image_1|>"), 2, "s")
+    check_record_tags(user("<|image_1|>\n<|image_2|>\nq"), 2, "s")
+    check_record_tags(user("no images"), 0, "s")
+    with pytest.raises(BadSampleError, match=r"^s: the prompt has 1 image tag\(s\) but 2 image\(s\) were given$"):
+        check_record_tags(user("<|image_1|>"), 2, "s")
+    with pytest.raises(BadSampleError, match=r"^s: image tags must be .* found <\|image_1\|>, <\|image_1\|>$"):
+        check_record_tags(user("<|image_1|><|image_1|>"), 2, "s")
     with pytest.raises(BadSampleError, match=r"^s: image tag <\|image_1\|> in a assistant message"):
-        check_image_tags([{"role": "user", "content": "q"}, {"role": "assistant", "content": "<|image_1|>"}], 1, "s")
+        check_record_tags([{"role": "user", "content": "q"}, {"role": "assistant", "content": "<|image_1|>"}], 1, "s")
 
 
 def test_missing_data_file(tmp_path):

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # scripts/merge_lora.py
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor  # noqa: E402
-from phi3v.collator import tokenize_conversation  # noqa: E402
+from phi3v.conversation import tokenize_conversation  # noqa: E402
 
 ASSETS = os.path.join(ROOT, "phi3v", "assets")
 PHI35, PHI3 = "microsoft/Phi-3.5-vision-instruct", "microsoft/Phi-3-vision-128k-instruct"

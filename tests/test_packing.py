@@ -10,7 +10,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from phi3v import Phi3VForCausalLM
-from phi3v.collator import IGNORE_INDEX, Phi3VDataCollator, tokenize_conversation
+from phi3v.collator import Phi3VDataCollator
+from phi3v.conversation import IGNORE_INDEX, tokenize_conversation
 from phi3v.model_setup import freeze_vision_tower
 from phi3v.tiny import tiny_config
 

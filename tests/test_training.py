@@ -9,7 +9,8 @@ from PIL import Image
 
 from phi3v import Phi3VForCausalLM
 from phi3v.arguments import parse_args, split_global_batch
-from phi3v.collator import IGNORE_INDEX, Phi3VDataCollator, generation_prompt, tokenize_conversation
+from phi3v.collator import Phi3VDataCollator
+from phi3v.conversation import IGNORE_INDEX, generation_prompt, tokenize_conversation
 from phi3v.dataset import SFTDataset
 from phi3v.model_setup import apply_lora, freeze_vision_tower, load_model, lora_target_modules
 
