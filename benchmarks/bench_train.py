@@ -36,10 +36,9 @@ import sys
 import time
 
 import torch
-from transformers import TrainerCallback
-
 from docvqa_pages import PAGE_SIZES, docvqa_records  # beside this file (shared with bench_data.py)
 from report_file import write_report
+from transformers import TrainerCallback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the recipes run from the checkout
 

@@ -4,7 +4,9 @@ Importing this package registers the model type "phi3_v" with transformers' Auto
 AutoConfig, AutoModelForCausalLM and AutoProcessor load official checkpoint folders without trust_remote_code.
 """
 
-from phi3v import compat  # noqa: F401  (first: checks the transformers version before anything uses it)
+from phi3v import compat  # noqa: F401  (first of all: checks the transformers version before anything uses it)
+
+# isort: split
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from phi3v.configuration import Phi3VConfig

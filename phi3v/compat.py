@@ -43,12 +43,12 @@ def check_transformers_version(installed: str = transformers.__version__) -> Non
 check_transformers_version()
 
 try:
-    # The model classes Phi3VForCausalLM builds on: the module path of transformers' Phi-3 implementation.
-    from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
-
     # `create_causal_mask(config, inputs_embeds, attention_mask, cache, and_mask_function=...)` builds the mask in the
     # format of the configured attention (sdpa / eager / flex) from a mask function of ours (packed samples).
     from transformers.masking_utils import create_causal_mask
+
+    # The model classes Phi3VForCausalLM builds on: the module path of transformers' Phi-3 implementation.
+    from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
 
     # The Trainer's own rule for which parameter names get weight decay (used by phi3v.optim).
     from transformers.trainer_pt_utils import get_parameter_names

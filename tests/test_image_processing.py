@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_processor import reference_hd
 
 from phi3v.image_processing import Phi3VImageProcessor
-from test_processor import reference_hd
 
 
 def page(size, seed=0):

@@ -8,14 +8,13 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OFFICIAL
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
 from phi3v.tiny import tiny_config
-
-from conftest import OFFICIAL
 
 
 def random_image(width, height, seed):

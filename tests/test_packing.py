@@ -79,7 +79,6 @@ def test_collator_metadata_and_packed_layout(processor, examples):
 def test_host_metadata_stays_on_the_host_when_the_trainer_moves_the_batch(processor, examples):
     """The Trainer (accelerate's send_to_device, then Trainer._prepare_input) moves tensors only."""
     from accelerate.utils import send_to_device
-
     from transformers import Trainer, TrainingArguments
 
     packed = Phi3VDataCollator(processor.pad_token_id, packing=True)(examples)

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # predict.py is a top-level script, not in a package
 
 import predict  # noqa: E402
+
 FAST = ["--max_new_tokens", "6", "--num_crops", "1"]
 
 

@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from conftest import OFFICIAL
 from PIL import Image
 
 from phi3v import Phi3VImageProcessor, Phi3VProcessor
 from phi3v.image_processing import CLIP_MEAN, CLIP_STD
 from phi3v.processing import check_image_tags, packaged_processor
-
-from conftest import OFFICIAL
 
 # (width, height, num_crops) -> (hd height, hd width, tokens): the table of docs/DESIGN.md §3.
 WORKED_EXAMPLES = [

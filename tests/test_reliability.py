@@ -9,7 +9,6 @@ the way the recipe does it.
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
