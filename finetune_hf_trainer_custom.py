@@ -2,7 +2,7 @@
 video per conversation; optionally evaluating before and after on a second file.
 
 Data: --data_path, a LLaVA-style JSON list (or one record per line, or one record) or the project's jsonl
-(phi3v.data), media paths relative to --image_folder. A LLaVA record:
+(phi3v.records), media paths relative to --image_folder. A LLaVA record:
 
     {"id": "1", "image": "cats/1.jpg",
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
@@ -45,14 +45,14 @@ from phi3v import Phi3VProcessor
 from phi3v.arguments import RecipeArguments, parse_args
 from phi3v.callbacks import add_learning_rate_logging
 from phi3v.checkpoints import prepare_resume
-from phi3v.data import check_media, load_records
 from phi3v.dataset import SFTDataset
 from phi3v.errors import InputError, exit_on_input_error, exit_with_error, one_line
 from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls, mean_exact_match
 from phi3v.model_setup import adapter_tensor_shapes, excluded
 from phi3v.optim import build_optimizer
-from phi3v.sources import take
+from phi3v.records import check_media, load_records
+from phi3v.splits import take
 from phi3v.training import (
     ModelPlan,
     make_trainer,

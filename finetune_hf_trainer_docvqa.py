@@ -21,7 +21,7 @@ from phi3v.dataset import SFTDataset
 from phi3v.errors import InputError, exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls
-from phi3v.sources import cauldron_record, is_record, load_split, take
+from phi3v.splits import cauldron_record, is_record, load_split, take
 from phi3v.training import (
     make_trainer,
     model_for_training,
@@ -62,7 +62,7 @@ def load_data(args, task_args):
 
 
 def to_record(row, index):
-    """A DocVQA row -> a record (phi3v.data) that also carries every gold answer for ANLS.
+    """A DocVQA row -> a record (phi3v.records) that also carries every gold answer for ANLS.
 
     Row shapes: the 1200-example subset ({"id", "image", "query": {"en": ...}, "answers"}), HuggingFaceM4/DocumentVQA
     ({"questionId", "image", "question", "answers"}) and the_cauldron ({"images", "texts"}: --full_train).

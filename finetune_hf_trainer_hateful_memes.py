@@ -18,7 +18,7 @@ from phi3v.dataset import SFTDataset
 from phi3v.errors import exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
-from phi3v.sources import is_record, load_split, split_off_eval
+from phi3v.splits import is_record, load_split, split_off_eval
 from phi3v.training import (
     make_trainer,
     model_for_training,
@@ -46,7 +46,7 @@ def load_data(args, task_args):
 def to_record(row, index):
     """A the_cauldron row {"images": [meme], "texts": [{"user": question, "assistant": "yes" | "no"}]} -> a record.
 
-    A record (phi3v.data) is a dict:
+    A record (phi3v.records) is a dict:
       "id"        str, unique
       "source"    str, names the sample in error messages
       "images"    list of PIL images or file paths; the user turns tag each once, in order: <|image_1|>, <|image_2|>...

@@ -17,7 +17,7 @@ from phi3v.dataset import SFTDataset
 from phi3v.errors import exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
-from phi3v.sources import cauldron_record, load_split, split_off_eval
+from phi3v.splits import cauldron_record, load_split, split_off_eval
 from phi3v.training import (
     make_trainer,
     model_for_training,
@@ -41,7 +41,7 @@ def load_data(args, task_args):
 
 
 def to_record(row, index):
-    """A the_cauldron row -> a record (phi3v.data): "<|image_1|>\\n<|image_2|>\\n" opens the first user turn."""
+    """A the_cauldron row -> a record (phi3v.records): "<|image_1|>\\n<|image_2|>\\n" opens the first user turn."""
     return cauldron_record(row, index, DATASET, CONFIG)
 
 

@@ -10,7 +10,7 @@ the evaluated samples (so a prediction naming any other class, or none, counts a
     torchrun --nproc_per_node=1 finetune_hf_trainer_ucf101.py --data_dir data/ucf101 --bf16 --use_lora
 
 Custom data: this is the project's entry point for your own data. --data_dir takes any folder with
-ucf101_train.jsonl and ucf101_test.jsonl (or ucf101_val.jsonl) in the project's jsonl format (phi3v.data), media
+ucf101_train.jsonl and ucf101_test.jsonl (or ucf101_val.jsonl) in the project's jsonl format (phi3v.records), media
 paths relative to data_dir/images/: any number of images per turn, several turns per conversation, e.g.
 
     {"id": "a1", "conversations": [{"images": ["a.jpg", "b.jpg"], "user": "What changed?", "assistant": "The sign."},
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from phi3v import Phi3VProcessor
 from phi3v.arguments import parse_args
 from phi3v.checkpoints import prepare_resume
-from phi3v.data import check_media, load_records
 from phi3v.dataset import SFTDataset
 from phi3v.errors import InputError, exit_on_input_error
 from phi3v.evaluation import evaluate
 from phi3v.metrics import gold_choice_accuracy
-from phi3v.sources import take
+from phi3v.records import check_media, load_records
+from phi3v.splits import take
 from phi3v.training import (
     make_trainer,
     model_for_training,
@@ -77,7 +77,7 @@ def load_data(args, task_args):
 
 
 def to_record(row, index):
-    """The rows are records already (phi3v.data.load_records)."""
+    """The rows are records already (phi3v.records.load_records)."""
     return row
 
 

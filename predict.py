@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 
-from phi3v.data import check_media, load_records, open_image
 from phi3v.errors import exit_on_input_error, exit_with_error
 from phi3v.evaluation import generate_answers
 
@@ -39,6 +38,7 @@ from phi3v.inference import (  # noqa: F401  (describe_model_folder, llava_tags,
     user_message,
 )
 from phi3v.metrics import gold_choice_accuracy, mean_anls, mean_exact_match
+from phi3v.records import check_media, load_records, open_image
 
 
 def parse_args(argv=None):

@@ -102,7 +102,7 @@ def load_slots(args) -> list[Slot]:
 def decode_upload(name, data, num_frames) -> list:
     """The RGB images of one uploaded file: an image, or up to `num_frames` frames of a video.
     ValueError (naming the file) for anything else: not an image, corrupt, a video that does not decode."""
-    from phi3v.data import open_image
+    from phi3v.records import open_image
     from phi3v.video import read_video_frames
 
     safe = re.sub(r"[^\w.-]", "_", os.path.basename(name))[-100:] or "upload"

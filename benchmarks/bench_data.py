@@ -2,7 +2,7 @@
 
 The data are bench_train.py's synthetic document pages (five 1700x2200 letter scans for one 1000x1400 page, a
 question and a short answer each), written once as a real data set on disk the way users have it: a jsonl file in
-the project's format plus one PNG (or JPEG) file a page. They are read back with `phi3v.data.load_records` and go
+the project's format plus one PNG (or JPEG) file a page. They are read back with `phi3v.records.load_records` and go
 through the recipes' data path: `phi3v.dataset.SFTDataset` (decode, HD transform, tokenize) and
 `phi3v.collator.Phi3VDataCollator`, in a torch DataLoader built as the Trainer builds it (random sampler, the
 recipe's per-GPU batch, pin_memory and prefetch settings, on a GPU machine the batch moved to the GPU), once for
@@ -38,7 +38,6 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one text at a time: the Rust thread pool is not used
 
 import torch  # noqa: E402
-
 from docvqa_pages import PAGE_SIZES, docvqa_records  # noqa: E402  (beside this file; the pages of bench_train.py)
 from report_file import write_report  # noqa: E402
 
@@ -167,7 +166,7 @@ def measure_stages(dataset, collator, batch_size: int) -> dict:
     this thread (what the stage costs on a core of its own, whatever else the machine runs). Nothing is kept from
     one batch to the next (as in a worker, which sends each batch away), so that memory is reused as it is there."""
     from phi3v.conversation import tokenize_conversation
-    from phi3v.data import load_record_images
+    from phi3v.records import load_record_images
 
     wall = {stage: [] for stage in (*STAGES, "dataset_item")}
     cpu = {stage: [] for stage in wall}
@@ -315,10 +314,10 @@ def parse_cli(argv=None):
 def main(argv=None):
     args = parse_cli(argv)
     from phi3v.collator import Phi3VDataCollator
-    from phi3v.data import load_records
     from phi3v.dataset import SFTDataset
     from phi3v.image_processing import reuse_freed_memory
     from phi3v.processing import packaged_processor
+    from phi3v.records import load_records
 
     recipe_argv = ["--output_dir", os.path.join(args.data_dir, "run")]
     if args.num_crops is not None:

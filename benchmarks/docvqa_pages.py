@@ -40,7 +40,7 @@ def document_page(rng: random.Random, size):
 
 
 def docvqa_records(n: int, seed: int = 0) -> list[dict]:
-    """Records (phi3v.data format, images in memory) of one page, a question and its short answer each."""
+    """Records (phi3v.records format, images in memory) of one page, a question and its short answer each."""
     rng = random.Random(seed)
     records = []
     for index in range(n):

@@ -21,7 +21,7 @@ from phi3v.dataset import SFTDataset  # noqa: E402
 from phi3v.errors import InputError, exit_on_input_error  # noqa: E402
 from phi3v.evaluation import evaluate  # noqa: E402
 from phi3v.metrics import gold_choice_accuracy  # noqa: E402
-from phi3v.sources import load_split, take  # noqa: E402
+from phi3v.splits import load_split, take  # noqa: E402
 from phi3v.training import (  # noqa: E402
     make_trainer,
     model_for_training,
@@ -48,7 +48,7 @@ def load_data(args, task_args):
 
 
 def to_record(row, index):
-    """{"image", "colour"} -> a record (phi3v.data): one image, one question, the colour's name as the answer."""
+    """{"image", "colour"} -> a record (phi3v.records): one image, one question, the colour's name as the answer."""
     return {"id": f"shapes-{index}", "source": f"shapes[{index}]", "images": [row["image"]], "video": None,
             "messages": [{"role": "user", "content": "<|image_1|>\nWhat colour is the shape?"},
                          {"role": "assistant", "content": row["colour"]}]}

@@ -6,8 +6,8 @@ import logging
 import torch
 
 from phi3v.conversation import generation_prompt, tokenize_conversation
-from phi3v.data import BadSampleError, load_record_images
-from phi3v.sources import rows_name
+from phi3v.records import BadSampleError, load_record_images
+from phi3v.splits import rows_name
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def generation_example(processor, record, max_num_frames=10) -> dict:
 class SFTDataset(torch.utils.data.Dataset):
     """Map-style dataset of tokenized conversations; images are opened and processed when an item is read.
 
-    rows: records (phi3v.data) or anything indexable whose items `to_record` turns into records (for
+    rows: records (phi3v.records) or anything indexable whose items `to_record` turns into records (for
     example a Hugging Face dataset split, whose images stay undecoded until used).
     With skip_bad_samples, an item that fails (corrupt image, too long, ...) is logged and replaced by the
     next good one, so a single bad file does not stop a long run; `bad_samples` counts the distinct bad items

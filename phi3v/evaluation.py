@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from phi3v.data import BadSampleError
 from phi3v.processing import STOP_TOKEN_IDS
+from phi3v.records import BadSampleError
 
 logger = logging.getLogger(__name__)
 

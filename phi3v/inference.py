@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from phi3v.data import IMAGE_TAG_RE, LLAVA_IMAGE_TAG
 from phi3v.dataset import generation_example
 from phi3v.model_setup import attention_implementation, load_adapter, recorded_base_model
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import STOP_TOKEN_IDS, Phi3VProcessor, image_tag_block
+from phi3v.records import IMAGE_TAG_RE, LLAVA_IMAGE_TAG
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

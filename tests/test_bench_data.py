@@ -78,7 +78,7 @@ def test_stages_timed_over_every_sample(bench):
 
 
 def test_data_set_is_a_real_jsonl_with_png_pages(bench):
-    from phi3v.data import load_records
+    from phi3v.records import load_records
 
     _, _, data_dir = bench
     records = load_records(data_dir / "train.jsonl")

@@ -4,7 +4,7 @@ import logging
 import pytest
 from PIL import Image
 
-from phi3v.data import (
+from phi3v.records import (
     BadSampleError,
     check_record_tags,
     load_record_images,
@@ -415,7 +415,7 @@ def test_skip_bad_samples_reports(tmp_path, llava, caplog):
     ])
     with pytest.raises(BadSampleError, match=r"\[1\]: image file not found"):
         load_records(path, image_folder=llava)
-    with caplog.at_level(logging.WARNING, logger="phi3v.data"):
+    with caplog.at_level(logging.WARNING, logger="phi3v.records"):
         records, reasons = load_records_with_report(path, image_folder=llava, skip_bad_samples=True)
     assert [r["source"] for r in records] == [f"{path}[0]", f"{path}[3]"]
     assert reasons == [f"{path}[1]: image file not found: {llava / 'gone.jpg'}", f"{path}[2]: empty assistant answer"]

@@ -431,7 +431,7 @@ def test_data_path_errors_are_one_line(work, tmp_path):
 
 
 def test_one_json_object_is_one_record(work, tmp_path):
-    from phi3v.data import load_records
+    from phi3v.records import load_records
 
     path = tmp_path / "one.json"
     path.write_text(json.dumps(RECORD, indent=2))

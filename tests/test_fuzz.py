@@ -22,9 +22,9 @@ from tokenizers import Tokenizer
 
 from phi3v.collator import Phi3VDataCollator
 from phi3v.conversation import tokenize_conversation
-from phi3v.data import BadSampleError
 from phi3v.dataset import SFTDataset
 from phi3v.processing import PACKAGED_TOKENIZER
+from phi3v.records import BadSampleError
 
 SEED = 1234
 CROP, TOKENS_PER_CROP, MERGED_SIDE = 336, 144, 12
@@ -435,7 +435,7 @@ COLLATOR_MESSAGES = {
     "surrogate": [SURROGATE + r" at character \d+"],
     "too_long": [r"the example is (\d+) tokens long, more than max_seq_length (\d+)"],
 }
-# The same conversations as records through SFTDataset: the data checks speak first (phi3v.data.check_record_tags,
+# The same conversations as records through SFTDataset: the data checks speak first (phi3v.records.check_record_tags,
 # whose numbering check is the processor's).
 DATASET_MESSAGES = {
     **COLLATOR_MESSAGES,

@@ -85,7 +85,7 @@ def test_every_task_choice_is_in_the_task_section():
 def test_the_template_builds_its_record_as_a_literal_dict():
     """The record a copier writes, in the template's to_record: a dict literal with the record's keys, which makes
     the records the shared the_cauldron reader makes."""
-    from phi3v.sources import cauldron_record
+    from phi3v.splits import cauldron_record
 
     template = load(TEMPLATE)
     to_record = next(node for node in ast.parse(sections(TEMPLATE)[1]).body

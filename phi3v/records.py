@@ -365,11 +365,21 @@ def check_media(records, skip_bad_samples=False, workers=8):
 def _probe_image(path, source) -> None:
     """Read an image file's header: its format and size (no decoding)."""
     name = os.fspath(path)
+    _check_size(_read_image_file(name, source, decode=False), name, source)
+
+
+def _read_image_file(name, source, decode: bool):
+    """An image file's size (header only), or with `decode` the whole image, upright. BadSampleError naming the
+    record and the file when it is missing, not an image, decompression-bomb sized or corrupt."""
     try:
         with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse both
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(name) as f:
-                width, height = f.size
+                if not decode:
+                    return f.size
+                f.load()
+                return ImageOps.exif_transpose(f)
     except FileNotFoundError:
         raise BadSampleError(f"{source}: image file not found: {name}") from None
     except UnidentifiedImageError:
@@ -380,6 +390,10 @@ def _probe_image(path, source) -> None:
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
+
+
+def _check_size(size, name, source) -> None:
+    width, height = size
     if width < 2 or height < 2:
         raise BadSampleError(f"{source}: image is {width}x{height} pixels (need at least 2x2): {name}")
 
@@ -417,26 +431,8 @@ def open_image(path_or_pil, source):
             raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
     else:
         name = str(path_or_pil)
-        try:
-            with warnings.catch_warnings():
-                # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse both
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(name) as f:
-                    f.load()
-                    img = ImageOps.exif_transpose(f)
-        except FileNotFoundError:
-            raise BadSampleError(f"{source}: image file not found: {name}") from None
-        except UnidentifiedImageError:
-            raise BadSampleError(f"{source}: not an image file (or unsupported format): {name}") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadSampleError(
-                f"{source}: image too large, refused as a possible decompression bomb: {name} ({e})"
-            ) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
-    width, height = img.size
-    if width < 2 or height < 2:
-        raise BadSampleError(f"{source}: image is {width}x{height} pixels (need at least 2x2): {name}")
+        img = _read_image_file(name, source, decode=True)
+    _check_size(img.size, name, source)
     return to_rgb(img)
 
 

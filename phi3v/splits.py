@@ -1,11 +1,12 @@
-"""Where a recipe's data comes from: a hub dataset, its local copy (`save_to_disk` folder), or a jsonl file."""
+"""A recipe's splits: where its data comes from (a hub dataset, its local `save_to_disk` copy, or a records file:
+phi3v.records), the rows it takes, and their name in messages."""
 
 import json
 import os
 
-from phi3v.data import check_media, load_records
 from phi3v.errors import InputError
 from phi3v.processing import image_tag_block
+from phi3v.records import check_media, load_records
 
 
 def load_split(
@@ -14,7 +15,7 @@ def load_split(
     """Rows of one split: a datasets.Dataset (hub or save_to_disk copy) or a list of records (jsonl / JSON).
 
     Records are already in the project's form; Dataset rows go through the recipe's own `to_record`. A records
-    file's images and videos are looked at now (phi3v.data.check_media), before the model loads.
+    file's images and videos are looked at now (phi3v.records.check_media), before the model loads.
     """
     if dataset_path and os.path.isfile(dataset_path):
         return check_media(load_records(dataset_path, skip_bad_samples=skip_bad_samples), skip_bad_samples)
