@@ -47,7 +47,9 @@ def main():
         "--dataloader_num_workers", "1", "--seed", "0",
     ]
     print("running:", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=HERE)
+    status = subprocess.run(command, cwd=HERE).returncode
+    if status:  # the recipe has printed why (one line for a user error, phi3v.errors): no traceback of ours on top
+        sys.exit(status)
 
     results = {}
     for name in ("eval_before", "eval_after"):
