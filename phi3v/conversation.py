@@ -72,7 +72,6 @@ def tokenize_conversation(
 
 def generation_prompt(processor: Phi3VProcessor, messages: list[dict]) -> tuple[str, str]:
     """(prompt up to the last assistant turn, that turn's answer): what evaluation asks and expects."""
-    check_messages(messages)
-    if messages[-1]["role"] != "assistant":
+    if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("the conversation must end with an assistant answer")
     return processor.apply_chat_template(messages[:-1], add_generation_prompt=True), messages[-1]["content"]
