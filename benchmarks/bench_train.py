@@ -1,4 +1,5 @@
-"""Training throughput of each strategy (full, frozen vision, LoRA, QLoRA) and of a stock baseline, on DocVQA-shaped data.
+"""Training throughput of each strategy (full, frozen vision, LoRA, QLoRA) and of a stock \
+baseline, on DocVQA-shaped data.
 
 Every run goes through the code path of the recipes: `phi3v.arguments.parse_args(argv=[...])`, `model_for_training`,
 `make_trainer`, `trainer.train()` (no DeepSpeed, no reporting, no saving, no evaluation), each in a fresh process
@@ -143,7 +144,10 @@ class ModelFlops:
     def total(self) -> float:
         c = {key: float(value) for key, value in self.counts.items()}
         f = self.factors
-        flops = f["lm"] * 2 * self.lm_params * c.get("tokens", 0) + f["lm_attn"] * self.lm_attn * c.get("tokens_squared", 0)
+        flops = (
+            f["lm"] * 2 * self.lm_params * c.get("tokens", 0)
+            + f["lm_attn"] * self.lm_attn * c.get("tokens_squared", 0)
+        )
         flops += f["head"] * 2 * self.head_params * c.get("supervised", 0)
         flops += sum(f[part] * per_crop for part, per_crop in self.crop.items()) * c.get("crops", 0)
         flops += f["projector"] * 2 * self.projector_params * c.get("image_tokens", 0)
@@ -268,7 +272,9 @@ def full_logits_loss(timer: StepTimer):
 
     def loss_func(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits.float()
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
         if timer.measuring:
             timer.flops.add(labels=labels)  # the labels never reach the model's counting hook here
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum())
@@ -429,7 +435,10 @@ def format_table(rows: list[dict]) -> str:
     def number(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    header = f"{'run':<8} {'img/s':>8} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8} {'vision ms':>10} {'lang ms':>9} {'optim ms':>9}"
+    header = (
+        f"{'run':<8} {'img/s':>8} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8} "
+        f"{'vision ms':>10} {'lang ms':>9} {'optim ms':>9}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         if "error" in row:
@@ -466,8 +475,10 @@ def parse_cli(argv=None):
                         help="run the strategies in this process instead of one fresh process each "
                              "(default: only with --small, where process start-up would dominate)")
     parser.add_argument("--extra_args", default="",
-                        help="more recipe flags for every run, after '=': --extra_args='--packing --use_flash_attention'")
-    parser.add_argument("--work_dir", default=None, help="checkpoint and samples (default /tmp/phi3v-bench-train[-small])")
+                        help="more recipe flags for every run, after '=': "
+                             "--extra_args='--packing --use_flash_attention'")
+    parser.add_argument("--work_dir", default=None,
+                        help="checkpoint and samples (default /tmp/phi3v-bench-train[-small])")
     parser.add_argument("--output", default=None, help="JSON results (default benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -491,7 +502,8 @@ def main(argv=None):
         names.append(BASELINE)
     os.makedirs(args.work_dir, exist_ok=True)
     checkpoint, samples, mean_tokens = prepare(args)
-    print(f"{args.samples} samples, {mean_tokens:.0f} tokens a sample on average (num_crops {args.num_crops})", flush=True)
+    print(f"{args.samples} samples, {mean_tokens:.0f} tokens a sample on average (num_crops {args.num_crops})",
+          flush=True)
 
     rows = []
     for name in names:

@@ -65,7 +65,9 @@ class RecipeArguments:
     skip_eval_before: bool = field(default=False, metadata={"help": "do not evaluate the model before training"})
     skip_nonfinite_steps: bool = field(
         default=False,
-        metadata={"help": "skip optimizer steps with NaN/inf gradients (counted as nonfinite_steps) instead of stopping"},
+        metadata={
+            "help": "skip optimizer steps with NaN/inf gradients (counted as nonfinite_steps) instead of stopping"
+        },
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "allow a new run into a non-empty --output_dir (else: refuse or resume)"}

@@ -71,7 +71,9 @@ class Phi3VConfig(Phi3Config):
             kwargs["rope_parameters"] = _longrope_parameters(rope_scaling, kwargs.get("rope_theta", 10000.0), scale)
         rope_parameters = kwargs.get("rope_parameters")
         if isinstance(rope_parameters, dict) and rope_parameters.get("rope_type") == "su":
-            kwargs["rope_parameters"] = _longrope_parameters(rope_parameters, rope_parameters.get("rope_theta", 1e4), scale)
+            kwargs["rope_parameters"] = _longrope_parameters(
+                rope_parameters, rope_parameters.get("rope_theta", 1e4), scale
+            )
         # The remote config defaults eos to 32000 (<|endoftext|>) and pad to 32000.
         kwargs.setdefault("eos_token_id", 32000)
         kwargs.setdefault("pad_token_id", 32000)

@@ -108,7 +108,12 @@ class Phi3VImageEmbedding(nn.Module):
         for rows, cols in grids:
             image = merged[start : start + 1 + rows * cols]
             start += 1 + rows * cols
-            sub = image[1:].reshape(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+            sub = (
+                image[1:]
+                .reshape(rows, cols, side, side, -1)
+                .permute(0, 2, 1, 3, 4)
+                .reshape(rows * side, cols * side, -1)
+            )
             glb = image[0].reshape(side, side, -1)
             tokens += [self.with_newlines(sub), glb_sep, self.with_newlines(glb)]
         return self.img_projection(torch.cat(tokens))

@@ -34,7 +34,10 @@ _SLIDING_WINDOWS = {262144: PHI3_5_VISION, 131072: PHI3_VISION_128K}
 
 # processor_config.json: Phi-3.5-vision's file. The Phi-3-vision-128k repository has none; its
 # preprocessor_config.json names the same AutoProcessor class, which the same form points at.
-_PROCESSOR_CONFIG = {"auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"}, "processor_class": "Phi3VProcessor"}
+_PROCESSOR_CONFIG = {
+    "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"},
+    "processor_class": "Phi3VProcessor",
+}
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 

@@ -51,7 +51,9 @@ def test_importing_phi3v_next_to_an_old_transformers_says_which_version_to_insta
         "try:\n    import phi3v\nexcept ImportError as e:\n    print('ImportError:', e)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.stdout.startswith("ImportError: phi3v needs transformers 5.24.0 (tested); this environment has 5.20.0")
+    assert result.stdout.startswith(
+        "ImportError: phi3v needs transformers 5.24.0 (tested); this environment has 5.20.0"
+    )
 
 
 def test_generation_passes_cache_and_step_keywords_by_these_names():
@@ -129,7 +131,9 @@ def test_trainer_writes_trainer_state_after_the_checkpoint_and_rotates_last():
              "self.state.save_to_json(", "rotate_checkpoints("]
     positions = [source.find(call) for call in order]
     assert -1 not in positions, f"Trainer._save_checkpoint no longer calls {order[positions.index(-1)]}"
-    assert positions == sorted(positions), "Trainer._save_checkpoint changed its write order: review phi3v/checkpoints.py"
+    assert positions == sorted(positions), (
+        "Trainer._save_checkpoint changed its write order: review phi3v/checkpoints.py"
+    )
 
 
 def test_training_arguments_name_activation_checkpointing_so():

@@ -134,7 +134,11 @@ def test_jsonl_records(converted):
         assert got == records
         assert all(list(r) == ["id", "source", "conversations"] for r in got)
         assert all(list(r["conversations"][0]) == ["images", "user", "assistant"] for r in got)
-    assert sorted(p.name for p in out.glob("*.jsonl")) == ["ucf101_test.jsonl", "ucf101_train.jsonl", "ucf101_val.jsonl"]
+    assert sorted(p.name for p in out.glob("*.jsonl")) == [
+        "ucf101_test.jsonl",
+        "ucf101_train.jsonl",
+        "ucf101_val.jsonl",
+    ]
 
 
 def test_frames_picked(converted):
@@ -218,7 +222,10 @@ def test_strict_passes_on_clean_data(tmp_path):
     make_video(clean / "train/B/y.avi", 5)
     report = convert(clean, tmp_path / "out", num_frames=2, num_workers=1, strict=True, progress=False)
     assert report.skipped == [] and len(report.jsonl) == 1
-    assert [r["id"] for r in read_jsonl(tmp_path / "out/ucf101_train.jsonl")] == ["train-0000000000", "train-0000000001"]
+    assert [r["id"] for r in read_jsonl(tmp_path / "out/ucf101_train.jsonl")] == [
+        "train-0000000000",
+        "train-0000000001",
+    ]
 
 
 def test_same_stem_is_converted_once(tmp_path):
@@ -230,7 +237,13 @@ def test_same_stem_is_converted_once(tmp_path):
 
 
 def test_split_order_and_root_detection(dataset):
-    assert convert_ucf101.split_order(["zz", "test", "extra", "train", "val"]) == ["train", "val", "test", "extra", "zz"]
+    assert convert_ucf101.split_order(["zz", "test", "extra", "train", "val"]) == [
+        "train",
+        "val",
+        "test",
+        "extra",
+        "zz",
+    ]
     root = str(dataset / "UCF101_subset")
     assert convert_ucf101.find_root(str(dataset)) == root  # single top folder is followed
     assert convert_ucf101.find_root(root) == root
@@ -255,7 +268,9 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
     assert err.startswith(f"{os.path.basename(sys.argv[0])}: error: ")
 
 
-@pytest.mark.parametrize("args", [["--num_frames", "0"], ["--num_workers", "0"], ["--video_dir", "a", "--archive", "b"]])
+@pytest.mark.parametrize(
+    "args", [["--num_frames", "0"], ["--num_workers", "0"], ["--video_dir", "a", "--archive", "b"]]
+)
 def test_bad_arguments_exit_2(tmp_path, args):
     with pytest.raises(SystemExit) as e:
         main(args + ["--out_dir", str(tmp_path)])

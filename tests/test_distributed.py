@@ -61,7 +61,9 @@ def torchrun(output_dir, *flags, timeout=900):
     result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     with open(f"{output_dir}.log", "w") as f:  # beside the run, for a look after a failure
         f.write(result.stdout + result.stderr)
-    assert result.returncode == 0, f"{' '.join(command)}\nexit {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(command)}\nexit {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}"
+    )
     return result
 
 
@@ -98,7 +100,11 @@ def data(tmp_path_factory):
     distinct = memes_rows(DISTINCT)
     rows = [distinct[i % len(distinct)] for i in range(EVAL_SIZE + NUM_TRAIN)]
     data_dir = save_hf_dataset(rows, str(folder / "memes"))
-    return {"folder": folder, "model": model_dir, "flags": ["--model_name_or_path", model_dir, "--dataset_path", data_dir]}
+    return {
+        "folder": folder,
+        "model": model_dir,
+        "flags": ["--model_name_or_path", model_dir, "--dataset_path", data_dir],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,7 @@ def zero2_run(data):
     reason = deepspeed_unavailable()
     if reason:
         message = f"DeepSpeed cannot run here ({reason}): the 2-process test runs DDP instead of ZeRO-2"
-        warnings.warn(message)
+        warnings.warn(message, stacklevel=2)
         print(f"\n{message}")
         torchrun(run_dir, *data["flags"], "--deepspeed", "none", *COMMON_FLAGS)
     else:

@@ -87,7 +87,9 @@ def test_full_size_model_has_exactly_the_official_592_tensors():
     # A state dict with every official name loads strictly: no missing, no unexpected keys.
     with torch.device("meta"):
         fresh = Phi3VForCausalLM(config)
-    result = fresh.load_state_dict({k: torch.empty(s, device="meta") for k, s in expected.items()}, strict=True, assign=True)
+    result = fresh.load_state_dict(
+        {k: torch.empty(s, device="meta") for k, s in expected.items()}, strict=True, assign=True
+    )
     assert not result.missing_keys and not result.unexpected_keys
 
 
@@ -117,7 +119,9 @@ def test_tiny_checkpoint_uses_official_names(tiny_checkpoint):
     assert "model.vision_embed_tokens.img_processor.vision_model.post_layernorm.weight" in keys
     assert "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.1.mlp.fc2.bias" in keys
     with open(os.path.join(tiny_checkpoint, "config.json")) as f:  # official form (tests/test_official_files.py)
-        assert json.load(f)["auto_map"]["AutoConfig"] == "microsoft/Phi-3.5-vision-instruct--configuration_phi3_v.Phi3VConfig"
+        assert json.load(f)["auto_map"]["AutoConfig"] == (
+            "microsoft/Phi-3.5-vision-instruct--configuration_phi3_v.Phi3VConfig"
+        )
 
 
 def test_auto_model_loads_folder_with_remote_code_hooks(tiny_checkpoint, tmp_path):
@@ -189,7 +193,10 @@ def test_bf16_load_has_bf16_weights(tiny_checkpoint):
 
 
 def test_generate_with_cache_equals_greedy_without(model, processor):
-    prompts = ["<|user|>\n<|image_1|>\nDescribe.<|end|>\n<|assistant|>\n", "<|user|>\nHi there, who are you?<|end|>\n<|assistant|>\n"]
+    prompts = [
+        "<|user|>\n<|image_1|>\nDescribe.<|end|>\n<|assistant|>\n",
+        "<|user|>\nHi there, who are you?<|end|>\n<|assistant|>\n",
+    ]
     inputs = processor(prompts, [[random_image(300, 200, 5)], []], num_crops=1, padding_side="left")
     with torch.no_grad():
         cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, use_cache=True)
@@ -197,7 +204,8 @@ def test_generate_with_cache_equals_greedy_without(model, processor):
         for _ in range(6):  # greedy decoding, recomputing the whole sequence every step
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                           pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], use_cache=False).logits
+                           pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                           use_cache=False).logits
             next_ids = logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_ids], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
@@ -274,7 +282,11 @@ def test_bad_model_inputs(model, batch):
     with pytest.raises(ValueError, match="image slots \\(negative ids\\) but no pixel_values"):
         model(input_ids=batch["input_ids"])
     with pytest.raises(ValueError, match="image slots but the images give"):
-        model(input_ids=batch["input_ids"][:1], pixel_values=batch["pixel_values"][:1], image_sizes=batch["image_sizes"][:1])
+        model(
+            input_ids=batch["input_ids"][:1],
+            pixel_values=batch["pixel_values"][:1],
+            image_sizes=batch["image_sizes"][:1],
+        )
     short = Phi3VForCausalLM(tiny_config(max_position_embeddings=32, original_max_position_embeddings=16))
     with pytest.raises(ValueError, match="40 tokens long, more than the model's limit of 32"):
         short(input_ids=torch.ones(1, 40, dtype=torch.long))

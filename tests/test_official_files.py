@@ -38,7 +38,10 @@ PREPROCESSOR_AUTO_MAP = {
            "AutoImageProcessor": "microsoft/Phi-3-vision-128k-instruct--image_processing_phi3_v.Phi3VImageProcessor"},
 }
 PROCESSOR_CONFIG = {
-    base: {"auto_map": {"AutoProcessor": f"{base}--processing_phi3_v.Phi3VProcessor"}, "processor_class": "Phi3VProcessor"}
+    base: {
+        "auto_map": {"AutoProcessor": f"{base}--processing_phi3_v.Phi3VProcessor"},
+        "processor_class": "Phi3VProcessor",
+    }
     for base in (PHI35, PHI3)
 }
 

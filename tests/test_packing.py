@@ -73,7 +73,9 @@ def test_collator_metadata_and_packed_layout(processor, examples):
     assert packed["labels"].tolist() == [expected_labels]
     assert packed["image_positions"].tolist() == (packed["input_ids"].flatten() < 0).nonzero().squeeze(1).tolist()
     assert len(packed["loss_positions"]) == len(padded["loss_positions"]) == (labels[:, 1:] != IGNORE_INDEX).sum()
-    assert torch.equal(packed["pixel_values"], padded["pixel_values"]) and packed["image_grids"] == padded["image_grids"]
+    assert (
+        torch.equal(packed["pixel_values"], padded["pixel_values"]) and packed["image_grids"] == padded["image_grids"]
+    )
 
 
 def test_host_metadata_stays_on_the_host_when_the_trainer_moves_the_batch(processor, examples):
@@ -145,7 +147,9 @@ def test_no_token_attends_across_samples(tiny_checkpoint, processor, examples, i
     position_ids = torch.tensor([[0, 1, 2, 0, 1]])
     mask = model.model.packed_attention_mask(torch.zeros(1, 5, 1), position_ids)[0, 0]
     allowed = mask if mask.dtype == torch.bool else mask == 0
-    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]).bool()
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    ).bool()
     assert torch.equal(allowed, expected)
 
 

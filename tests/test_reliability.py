@@ -94,7 +94,11 @@ def save_unless_stopped(trainer, processor, args):
     save_outputs(trainer, processor, args)
 
 
-recipe.parse_args, recipe.make_trainer, recipe.save_outputs = parse_and_resolve, make_trainer_with_callbacks, save_unless_stopped
+recipe.parse_args, recipe.make_trainer, recipe.save_outputs = (
+    parse_and_resolve,
+    make_trainer_with_callbacks,
+    save_unless_stopped,
+)
 recipe.main()
 """
 

@@ -42,7 +42,9 @@ def run_recipe(output_dir, *flags):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     with open(f"{output_dir}.log", "w") as f:  # beside the run, for a look after a failure
         f.write(result.stdout + result.stderr)
-    assert result.returncode == 0, f"{' '.join(command)}\nexit {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(command)}\nexit {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}"
+    )
     return result.stdout
 
 

@@ -46,24 +46,28 @@ def test_multi_turn_numbering_and_no_extra_bos(processor):
     # BOS only at the start and right after each image block (the processor's rule), none per turn.
     bos_positions = [i for i, t in enumerate(ids) if t == 1]
     assert bos_positions == [0, ids.index(-1) + 313, ids.index(-2) + 313]
-    supervised = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    supervised = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert supervised == processor.encode_text("Red.<|end|>\n<|endoftext|>") + processor.encode_text(
         "Blue.<|end|>\n<|endoftext|>"
     )
     # The second turn's prompt starts right after the first answer with <|user|>.
     first_answer_end = ids.index(32000)
     assert ids[first_answer_end + 1] == 32010
-    assert all(l == IGNORE_INDEX for l in labels[: ids.index(-1)])
+    assert all(label == IGNORE_INDEX for label in labels[: ids.index(-1)])
 
 
 def test_bad_conversations(processor):
     with pytest.raises(ValueError, match="must end with an assistant answer"):
         tokenize_conversation(processor, [{"role": "user", "content": "hi"}], [])
     with pytest.raises(ValueError, match="more image tags than its 0 image"):
-        tokenize_conversation(processor, [{"role": "user", "content": "<|image_1|>"}, {"role": "assistant", "content": "x"}], [])
+        tokenize_conversation(
+            processor, [{"role": "user", "content": "<|image_1|>"}, {"role": "assistant", "content": "x"}], []
+        )
     with pytest.raises(ValueError, match="1 image tag\\(s\\) but 2 image\\(s\\)"):
         tokenize_conversation(
-            processor, [{"role": "user", "content": "<|image_1|>"}, {"role": "assistant", "content": "x"}], [image(), image()]
+            processor,
+            [{"role": "user", "content": "<|image_1|>"}, {"role": "assistant", "content": "x"}],
+            [image(), image()],
         )
     with pytest.raises(ValueError, match="more than max_seq_length 100"):  # refused, never cut through the image
         tokenize_conversation(
@@ -79,7 +83,10 @@ def test_generation_prompt(processor):
 
 def test_collator_pads_right_and_concatenates_images(processor):
     convs = [
-        ([{"role": "user", "content": "<|image_1|>\n<|image_2|>\nSame?"}, {"role": "assistant", "content": "yes"}], [image(), image()]),
+        (
+            [{"role": "user", "content": "<|image_1|>\n<|image_2|>\nSame?"}, {"role": "assistant", "content": "yes"}],
+            [image(), image()],
+        ),
         ([{"role": "user", "content": "Just text"}, {"role": "assistant", "content": "ok"}], []),
         ([{"role": "user", "content": "<|image_1|>\nHi"}, {"role": "assistant", "content": "hello there"}], [image()]),
     ]
@@ -165,13 +172,20 @@ def one_step_loss_decreases(model, batch, lr=1e-2, steps=5):
 def train_batch(processor):
     convs = [
         ([{"role": "user", "content": "<|image_1|>\nColour?"}, {"role": "assistant", "content": "red"}], [image()]),
-        ([{"role": "user", "content": "<|image_1|>\nColour?"}, {"role": "assistant", "content": "blue"}], [image((0, 0, 250))]),
+        (
+            [{"role": "user", "content": "<|image_1|>\nColour?"}, {"role": "assistant", "content": "blue"}],
+            [image((0, 0, 250))],
+        ),
     ]
-    return Phi3VDataCollator(processor.pad_token_id)([tokenize_conversation(processor, m, i, num_crops=1) for m, i in convs])
+    return Phi3VDataCollator(processor.pad_token_id)(
+        [tokenize_conversation(processor, m, i, num_crops=1) for m, i in convs]
+    )
 
 
 def test_lora_trains_saves_and_reloads(tiny_checkpoint, train_batch, tmp_path):
-    model = apply_lora(load_model(tiny_checkpoint), 8, 16, 0.0, lora_target_modules(load_model(tiny_checkpoint), vision=True))
+    model = apply_lora(
+        load_model(tiny_checkpoint), 8, 16, 0.0, lora_target_modules(load_model(tiny_checkpoint), vision=True)
+    )
     assert all("lora_" in n for n in trainable_names(model))
     losses = one_step_loss_decreases(model, train_batch)
     assert losses[-1] < losses[0]
@@ -231,12 +245,16 @@ def test_global_batch_size_derivation():
     assert split_global_batch(16, 2, 2) == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}
     assert split_global_batch(64, 1, 8) == {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
     assert split_global_batch(4, 8, 1) == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
-    args, _, training_args = parse_args(argv=["--output_dir", "/tmp/x", "--batch_size", "16", "--batch_size_per_gpu", "2", "--report_to", "none"])
+    args, _, training_args = parse_args(
+        argv=["--output_dir", "/tmp/x", "--batch_size", "16", "--batch_size_per_gpu", "2", "--report_to", "none"]
+    )
     assert training_args.per_device_train_batch_size == 2 and training_args.gradient_accumulation_steps == 8
     assert (training_args.adam_beta1, training_args.adam_beta2, training_args.adam_epsilon) == (0.9, 0.95, 1e-7)
     assert training_args.warmup_steps == 50 and training_args.lr_scheduler_type == "linear"
     assert training_args.weight_decay == 0.01 and training_args.learning_rate == 4e-5
-    args, _, training_args = parse_args(argv=["--output_dir", "/tmp/x", "--wd", "0.1", "--no-tqdm", "--use_qlora", "--report_to", "none"])
+    args, _, training_args = parse_args(
+        argv=["--output_dir", "/tmp/x", "--wd", "0.1", "--no-tqdm", "--use_qlora", "--report_to", "none"]
+    )
     assert training_args.weight_decay == 0.1 and training_args.disable_tqdm and args.use_lora
 
 
