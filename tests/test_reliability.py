@@ -77,8 +77,8 @@ Phi3VForCausalLM.save_pretrained = save_pretrained_then_pause
 parse_args, make_trainer, save_outputs = recipe.parse_args, recipe.make_trainer, recipe.save_outputs
 
 
-def parse_and_resolve(**defaults):
-    args, task_args, training_args = parse_args(**defaults)
+def parse_and_resolve(*positional, **defaults):  # the recipe's parse_args(TaskArguments, **SCRIPT_DEFAULTS)
+    args, task_args, training_args = parse_args(*positional, **defaults)
     training_args.resume_from_checkpoint = prepare_resume(training_args, args.overwrite_output_dir)
     return args, task_args, training_args
 
