@@ -291,7 +291,8 @@ def parse_cli(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--small", action="store_true", help="6 samples, workers 0 and the default: a quick check")
-    parser.add_argument("--samples", type=int, default=None, help="samples in the data set (default 48; 6 with --small)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples in the data set (default 48; 6 with --small)")
     parser.add_argument("--workers", default=None,
                         help="comma-separated worker counts (default 0,1,2,4,... up to the CPU count, and the default)")
     parser.add_argument("--image_format", choices=sorted(EXTENSIONS), default="png", help="page files (default png)")

@@ -283,7 +283,8 @@ def test_collator_on_random_conversations(processor, tokenizer):
             assert example["input_ids"] == ids and example["labels"] == labels
             check_image_runs(ids, counts)
             # supervised positions: exactly the answers, each right after <|assistant|>, each ending the text
-            spans = [list(g) for supervised, g in itertools.groupby(range(len(ids)), lambda t: labels[t] != IGNORE)
+            supervised_at = [label != IGNORE for label in labels]
+            spans = [list(g) for supervised, g in itertools.groupby(range(len(ids)), supervised_at.__getitem__)
                      if supervised]
             answers = [m for m in messages if m["role"] == "assistant"]
             assert len(spans) == len(answers)
@@ -326,7 +327,7 @@ def test_collator_on_random_conversations(processor, tokenizer):
 SURROGATE = r"text is not valid Unicode: lone surrogate '\\ud[89a-f][0-9a-f]{2}'"
 ORDER = r"image tags must be <\|image_(\d+)\|>, <\|image_\d+\|>, \.\.\. in order, each once; found .*"
 NOT_PIL = (r"image (\d+) is a (\w+), not a PIL\.Image\.Image "
-           r"\(open files with PIL\.Image\.open or phi3v\.data\.open_image first\)")
+           r"\(open files with PIL\.Image\.open or phi3v\.records\.open_image first\)")
 
 
 def tag_list(numbers):
@@ -369,7 +370,7 @@ def test_processor_refuses_invalid_inputs_with_documented_messages(processor, to
         num_prompts = rng.randint(1, 3)
         bad = rng.randrange(num_prompts)
         texts, image_lists = [], []
-        for index in range(num_prompts):
+        for _ in range(num_prompts):
             images = [random_image(rng) for _ in range(rng.choice([0, 1, 1, 2]))]
             texts.append(random_prompt(rng, len(images)))
             image_lists.append(images)
