@@ -92,7 +92,7 @@ def load_slots(args) -> list[Slot]:
     for flag, path, base in wanted:
         try:
             model, processor = load_for_inference(path, base, dtype, device, args.use_flash_attention)
-        except Exception as error:  # noqa: BLE001 -- any failure to load is reported as one line at start-up
+        except Exception as error:
             exit_with_error(f"{flag} {path} does not load: {one_line(error)}")
         slots.append(Slot(f"{flag} {path}", model, processor, threading.Lock()))
     return slots
@@ -337,7 +337,7 @@ class Chat:
                     put("start")
                     streamer = text_streamer(slot.processor, lambda text: put("text", text))
                     put("done", generate(slot.model, slot.processor, inputs, settings, streamer, stop))
-            except Exception as error:  # noqa: BLE001 -- e.g. out of memory: shown on the page, the server goes on
+            except Exception as error:
                 traceback.print_exc()
                 put("error", one_line(error))
 

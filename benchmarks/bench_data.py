@@ -37,9 +37,9 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one text at a time: the Rust thread pool is not used
 
-import torch  # noqa: E402
-from docvqa_pages import PAGE_SIZES, docvqa_records  # noqa: E402  (beside this file; the pages of bench_train.py)
-from report_file import write_report  # noqa: E402
+import torch
+from docvqa_pages import PAGE_SIZES, docvqa_records
+from report_file import write_report
 
 EXTENSIONS = {"png": "PNG", "jpeg": "JPEG"}
 

@@ -371,7 +371,7 @@ def run_in_this_process(spec: dict) -> dict:
             f.write("5")  # Linux: reset the resident-set high-water mark that max RSS reports
     try:
         return run(spec)
-    except Exception as error:  # noqa: BLE001 - one failed strategy should not hide the others' results
+    except Exception as error:
         import traceback
 
         traceback.print_exc()

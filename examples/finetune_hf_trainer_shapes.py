@@ -9,20 +9,15 @@ Data: a local `save_to_disk` folder (--dataset_path) with "train" and "test" spl
     python examples/finetune_hf_trainer_shapes.py --dataset_path data/shapes --model_name_or_path <model>
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere in the repo
-
-from phi3v import Phi3VProcessor  # noqa: E402
-from phi3v.arguments import parse_args  # noqa: E402
-from phi3v.checkpoints import prepare_resume  # noqa: E402
-from phi3v.dataset import SFTDataset  # noqa: E402
-from phi3v.errors import InputError, exit_on_input_error  # noqa: E402
-from phi3v.evaluation import evaluate  # noqa: E402
-from phi3v.metrics import gold_choice_accuracy  # noqa: E402
-from phi3v.splits import load_split, take  # noqa: E402
-from phi3v.training import (  # noqa: E402
+from phi3v import Phi3VProcessor
+from phi3v.arguments import parse_args
+from phi3v.checkpoints import prepare_resume
+from phi3v.dataset import SFTDataset
+from phi3v.errors import InputError, exit_on_input_error
+from phi3v.evaluation import evaluate
+from phi3v.metrics import gold_choice_accuracy
+from phi3v.splits import load_split, take
+from phi3v.training import (
     make_trainer,
     model_for_training,
     run_training,

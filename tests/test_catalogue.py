@@ -279,7 +279,7 @@ def unsafe_loads(source: str):
         owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
         keywords = {k.arg: k.value for k in node.keywords}
 
-        def true(key):
+        def true(key, keywords=keywords):
             return isinstance(keywords.get(key), ast.Constant) and keywords[key].value is True
 
         name = f"{owner}.{node.func.attr}"

@@ -359,13 +359,14 @@ def test_frozen_vision_tower_runs_without_autograd(tiny_checkpoint, processor, e
 
 
 # ------------------------------------------------------------------------------------------------ the benchmark
-def test_benchmark_counts_the_same_tokens_and_flops_for_packed_rows(processor, examples):
+def test_benchmark_counts_the_same_tokens_and_flops_for_packed_rows(processor, examples, monkeypatch):
     """bench_train.py's counters read a packed row's sample lengths from its boundaries: the same tokens, images
     and model FLOPs (attention: the sum of squared sample lengths, not the row's length squared) as padded."""
     import importlib.util
     import os
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_train.py")
+    monkeypatch.syspath_prepend(os.path.dirname(path))  # its sibling modules, as when it runs as a script
     spec = importlib.util.spec_from_file_location("bench_train_under_test", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
