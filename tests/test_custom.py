@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import finished_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the script is imported as a module for the in-process checks
@@ -117,14 +118,7 @@ def runs(work):
 def finished(runs, name):
     """(output_dir, log) of a run that exited 0."""
     process, output_dir, log_path = runs[name]
-    try:
-        returncode = process.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        returncode = "timeout"
-    with open(log_path) as f:
-        log = f.read()
-    assert returncode == 0, f"{name} failed ({returncode}):\n{log[-5000:]}"
+    log = finished_run(process, log_path, name, TIMEOUT_S)
     return output_dir, log
 
 

@@ -5,11 +5,9 @@ import os
 import subprocess
 import sys
 
-import av
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_test_media
 
 from phi3v import Phi3VForCausalLM
 from phi3v.model_setup import apply_lora, lora_target_modules
@@ -26,15 +24,7 @@ FAST = ["--max_new_tokens", "6", "--num_crops", "1"]
 def media(tmp_path_factory):
     """Two images and a 6-frame video."""
     folder = tmp_path_factory.mktemp("media")
-    Image.new("RGB", (64, 48), (220, 30, 30)).save(folder / "red.jpg")
-    Image.new("RGB", (40, 80), (30, 30, 220)).save(folder / "blue.png")
-    with av.open(str(folder / "clip.mp4"), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(6):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    write_test_media(folder)
     return folder
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import finished_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAULDRON_EVAL_SIZE = 500  # the cauldron recipes evaluate on train[:500] and train on train[500:]
@@ -110,14 +111,7 @@ def test_recipe_end_to_end(runs, task):
     from phi3v import Phi3VForCausalLM, Phi3VProcessor
 
     process, output_dir, log_path = runs[task]
-    try:
-        returncode = process.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        returncode = "timeout"
-    with open(log_path) as f:
-        log = f.read()
-    assert returncode == 0, f"{task} failed ({returncode}):\n{log[-5000:]}"
+    finished_run(process, log_path, task, TIMEOUT_S)
 
     score = load_recipe(task).score
     for name in ("eval_before", "eval_after"):

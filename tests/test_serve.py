@@ -17,10 +17,9 @@ import tempfile
 import time
 import urllib.request
 
-import av
-import numpy as np
 import pytest
 import torch
+from conftest import write_test_media
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,15 +61,7 @@ def files(tmp_path_factory):
     peft_model.save_pretrained(folder / "adapter")  # no processor files: they come from the base
     assert json.loads((folder / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
 
-    Image.new("RGB", (64, 48), (220, 30, 30)).save(folder / "red.jpg")
-    Image.new("RGB", (40, 80), (30, 30, 220)).save(folder / "blue.png")
-    with av.open(str(folder / "clip.mp4"), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(6):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    write_test_media(folder)
     (folder / "notes.txt").write_text("not a picture")
     (folder / "cut.jpg").write_bytes((folder / "red.jpg").read_bytes()[:300])  # a truncated JPEG
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
