@@ -71,14 +71,19 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as error:
         print(f"check_env.py: {error}", file=sys.stderr)
         return 2
-    found = differences(pins, installed_versions(), args.ignore_missing)
+    installed = installed_versions()
+    found = differences(pins, installed, args.ignore_missing)
     if found:
         print(f"{len(found)} package(s) differ from the tested set ({os.path.normpath(args.requirements)}):")
         print("\n".join(f"  {line}" for line in found))
         print("Install the tested set with: pip install -r requirements.txt")
         return 1
     main_versions = ", ".join(f"{name} {pins[name]}" for name in MAIN if name in pins)
-    print(f"all {len(pins)} pinned packages match the tested set ({main_versions})")
+    if args.ignore_missing:
+        count = sum(name in installed for name in pins)
+        print(f"the {count} installed of the {len(pins)} pinned packages match the tested set ({main_versions})")
+    else:
+        print(f"all {len(pins)} pinned packages match the tested set ({main_versions})")
     return 0
 
 
