@@ -30,6 +30,8 @@ echo "== newest releases of: $(echo $DIRECT)"
 "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # shellcheck disable=SC2086
 if ! "$VENV/bin/python" -m pip install -q --upgrade $DIRECT 2>&1 | grep -v "^WARNING: Location"; then :; fi
+# The project itself, as requirements.txt's "-e ." installs it (the scripts the tests run import phi3v).
+"$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" 2>&1 | grep -v -e "^WARNING: Location" -e "^ " -e "^$" || true
 if ! "$VENV/bin/python" -c "import transformers, torch" 2>/dev/null; then
     echo "== the newest releases do not install together (see pip's output above)"
     exit 2
