@@ -61,3 +61,12 @@ def test_the_package_requires_the_pinned_versions():
         name, version = requirement.split("==")
         assert pins[check_env.canonical(name)] == version, f"pyproject.toml's {requirement} is not requirements.txt's"
     assert {"transformers", "torch", "peft", "nicegui"} <= {check_env.canonical(r.split("==")[0]) for r in dependencies}
+
+
+def test_the_package_builds_with_a_pinned_backend():
+    # requirements.txt's "-e ." builds the project in an isolated environment: its backend must be pinned too.
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        requires = tomllib.load(handle)["build-system"]["requires"]
+    assert requires and all(check_env.PIN.match(requirement) for requirement in requires), requires
