@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from phi3v.processing import STOP_TOKEN_IDS
+from phi3v.processing import STOP_TOKEN_IDS, inputs_on
 from phi3v.records import BadSampleError
 
 logger = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def generate_answers(
             batch = [_prompt_for(dataset, processor, padded[p], p < len(indices), description) for p in positions]
             inputs = processor([b["prompt"] for b in batch], [b["images"] for b in batch],
                                num_crops=num_crops or dataset.num_crops, padding_side="left")
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            inputs = inputs_on(inputs, device, dtype)
             generated = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,

@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 from phi3v.dataset import generation_example
 from phi3v.model_setup import attention_implementation, load_adapter, recorded_base_model
 from phi3v.modeling import Phi3VForCausalLM
-from phi3v.processing import STOP_TOKEN_IDS, Phi3VProcessor, image_tag_block
+from phi3v.processing import STOP_TOKEN_IDS, Phi3VProcessor, image_tag_block, inputs_on
 from phi3v.records import IMAGE_TAG_RE, LLAVA_IMAGE_TAG
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -176,10 +176,7 @@ def prepare_inputs(model, processor, messages, images, settings: GenerationSetti
             f"the prompt is {length} tokens long (images included); with max_new_tokens {settings.max_new_tokens} "
             f"that is longer than the model's limit of {limit} tokens"
         )
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    return inputs
+    return inputs_on(inputs, model.device, model.dtype)
 
 
 def text_streamer(processor, on_text=None) -> TextStreamer:

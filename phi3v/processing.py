@@ -270,7 +270,16 @@ def as_id_list(ids) -> list[int]:
     return list(ids)
 
 
+
+def inputs_on(inputs, device, dtype) -> dict:
+    """The processor's outputs on the model's device, pixel values in its floating dtype (ids stay integers)."""
+    moved = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in moved:
+        moved["pixel_values"] = moved["pixel_values"].to(dtype)
+    return moved
+
+
 __all__ = [
-    "Phi3VProcessor", "as_id_list", "check_image_tags", "check_text", "pad_sequences", "load_tokenizer",
+    "Phi3VProcessor", "as_id_list", "inputs_on", "check_image_tags", "check_text", "pad_sequences", "load_tokenizer",
     "packaged_processor",
 ]
