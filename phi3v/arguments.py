@@ -265,10 +265,10 @@ def derive(ns, given: set[str], gpu: bool) -> None:
         ns.deepspeed = None
     if isinstance(ns.deepspeed, str) and not ns.deepspeed.lstrip().startswith("{") and not os.path.isfile(ns.deepspeed):
         ns.deepspeed = packaged_deepspeed_config(ns.deepspeed)
-    if isinstance(ns.deepspeed, str) and not ns.deepspeed.lstrip().startswith("{") and not os.path.isfile(ns.deepspeed):
-        configs = ", ".join(sorted(name for name in os.listdir(DS_CONFIGS) if name.endswith(".json")))
-        raise InputError(f"--deepspeed {ns.deepspeed}: no such file; this project's configs are in {DS_CONFIGS} "
-                         f"({configs}), or --deepspeed none")
+        if not os.path.isfile(ns.deepspeed):
+            configs = ", ".join(sorted(name for name in os.listdir(DS_CONFIGS) if name.endswith(".json")))
+            raise InputError(f"--deepspeed {ns.deepspeed}: no such file; this project's configs are in {DS_CONFIGS} "
+                             f"({configs}), or --deepspeed none")
     if getattr(ns, "use_qlora", False) and ns.deepspeed and "deepspeed" not in given:
         logger.warning("QLoRA runs without DeepSpeed (4-bit weights are not ZeRO-partitioned); using DDP")
         ns.deepspeed = None
