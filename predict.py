@@ -24,18 +24,15 @@ from phi3v.errors import exit_on_input_error, exit_with_error
 from phi3v.evaluation import generate_answers
 
 # Loading, prompt building (LLaVA <image> tags too) and generation: one path shared with serve.py (the chat page).
-from phi3v.inference import (  # noqa: F401  (describe_model_folder, llava_tags, user_message: predict.X for callers)
+from phi3v.inference import (
     DTYPES,
     GenerationSettings,
     RecordPrompts,
     answer,
     conversation,
-    describe_model_folder,
-    llava_tags,
     load_for_inference,
     pick_device_and_dtype,
     text_streamer,
-    user_message,
 )
 from phi3v.metrics import gold_choice_accuracy, mean_anls, mean_exact_match
 from phi3v.records import check_media, load_records, open_image

@@ -538,9 +538,10 @@ def test_predict_prompt_with_a_llava_image_tag(tiny_checkpoint, tmp_path, capsys
     from PIL import Image
 
     import predict
+    from phi3v import inference
 
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "a.png")
-    assert predict.llava_tags("<image>\n<image>\nWhich?") == "<|image_1|>\n<|image_2|>\nWhich?"
+    assert inference.llava_tags("<image>\n<image>\nWhich?") == "<|image_1|>\n<|image_2|>\nWhich?"
     asked = []
     real_answer = predict.answer
     monkeypatch.setattr(predict, "answer", lambda model, processor, messages, *rest: asked.append(messages) or

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_test_media
 
-from phi3v import Phi3VForCausalLM
+from phi3v import Phi3VForCausalLM, inference
 from phi3v.model_setup import apply_lora, lora_target_modules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +29,9 @@ def media(tmp_path_factory):
 
 
 def test_user_message_adds_missing_tags_only():
-    assert predict.user_message("Same?", 2) == "<|image_1|>\n<|image_2|>\nSame?"
-    assert predict.user_message("<|image_1|> vs <|image_2|>: same?", 2) == "<|image_1|> vs <|image_2|>: same?"
-    assert predict.user_message("Hello", 0) == "Hello"
+    assert inference.user_message("Same?", 2) == "<|image_1|>\n<|image_2|>\nSame?"
+    assert inference.user_message("<|image_1|> vs <|image_2|>: same?", 2) == "<|image_1|> vs <|image_2|>: same?"
+    assert inference.user_message("Hello", 0) == "Hello"
 
 
 def test_single_image_streams_to_stdout(tiny_checkpoint, media):
@@ -93,8 +93,8 @@ def test_lora_adapter_folder_loads_with_its_base(tiny_checkpoint, media, tmp_pat
     peft_model.save_pretrained(adapter)  # no processor files: the processor comes from the base model
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_checkpoint
 
-    assert predict.describe_model_folder(str(adapter)) == ("adapter", tiny_checkpoint)
-    merged, _ = predict.load_for_inference(str(adapter))
+    assert inference.describe_model_folder(str(adapter)) == ("adapter", tiny_checkpoint)
+    merged, _ = inference.load_for_inference(str(adapter))
     base = Phi3VForCausalLM.from_pretrained(tiny_checkpoint)
     name = "model.layers.0.self_attn.qkv_proj.weight"
     assert not torch.equal(merged.state_dict()[name], base.state_dict()[name])  # the LoRA update is folded in
@@ -109,8 +109,8 @@ def test_adapter_base_can_be_overridden(tmp_path, tiny_checkpoint):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/base"}))
     with pytest.raises(FileNotFoundError, match="pass --base_model"):
-        predict.describe_model_folder(str(adapter))
-    assert predict.describe_model_folder(str(adapter), tiny_checkpoint) == ("adapter", tiny_checkpoint)
+        inference.describe_model_folder(str(adapter))
+    assert inference.describe_model_folder(str(adapter), tiny_checkpoint) == ("adapter", tiny_checkpoint)
 
 
 def test_folder_without_weights_errors_clearly(tmp_path, media):

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # predict.py is a top-level script, not in a package
 
 import predict  # noqa: E402
+from phi3v import inference  # noqa: E402
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -126,7 +127,7 @@ def browser():
 @pytest.fixture(scope="module")
 def models(files):
     """The two served models, loaded here as predict.py loads them (for multi-turn expectations)."""
-    return {name: predict.load_for_inference(files[name]) for name in ("adapter", "base")}
+    return {name: inference.load_for_inference(files[name]) for name in ("adapter", "base")}
 
 
 # ------------------------------------------------------------------------------------------------ the page
