@@ -29,8 +29,9 @@ from phi3v.checkpoints import prepare_resume
 from phi3v.dataset import SFTDataset
 from phi3v.errors import InputError, exit_on_input_error
 from phi3v.evaluation import evaluate
+from phi3v.media import check_media
 from phi3v.metrics import gold_choice_accuracy
-from phi3v.records import check_media, load_records
+from phi3v.records import load_records
 from phi3v.splits import take
 from phi3v.training import (
     make_trainer,

@@ -34,8 +34,9 @@ from phi3v.inference import (
     pick_device_and_dtype,
     text_streamer,
 )
+from phi3v.media import check_media, open_image
 from phi3v.metrics import gold_choice_accuracy, mean_anls, mean_exact_match
-from phi3v.records import check_media, load_records, open_image
+from phi3v.records import load_records
 
 
 def parse_args(argv=None):

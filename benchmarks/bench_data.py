@@ -166,7 +166,7 @@ def measure_stages(dataset, collator, batch_size: int) -> dict:
     this thread (what the stage costs on a core of its own, whatever else the machine runs). Nothing is kept from
     one batch to the next (as in a worker, which sends each batch away), so that memory is reused as it is there."""
     from phi3v.conversation import tokenize_conversation
-    from phi3v.records import load_record_images
+    from phi3v.media import load_record_images
 
     wall = {stage: [] for stage in (*STAGES, "dataset_item")}
     cpu = {stage: [] for stage in wall}

@@ -6,7 +6,8 @@ import logging
 import torch
 
 from phi3v.conversation import generation_prompt, tokenize_conversation
-from phi3v.records import BadSampleError, load_record_images
+from phi3v.media import load_record_images
+from phi3v.records import BadSampleError
 from phi3v.splits import rows_name
 
 logger = logging.getLogger(__name__)

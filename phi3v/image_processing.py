@@ -167,7 +167,7 @@ class Phi3VImageProcessor:
             if not isinstance(image, Image.Image):
                 raise ValueError(
                     f"image {index + 1} is a {type(image).__name__}, not a PIL.Image.Image "
-                    "(open files with PIL.Image.open or phi3v.records.open_image first)"
+                    "(open files with PIL.Image.open or phi3v.media.open_image first)"
                 )
         size = self.crop_size
         # Every crop is written straight into the batch tensor (no per-image buffer, no stack); only the unused

@@ -1,6 +1,7 @@
-"""Load training/eval records from files, with errors that name the file and line.
+"""Read training/eval data files into records, with errors that name the file and line: the record format, the two
+file formats it is read from, and the checks of a record. A record's media files: phi3v.media.
 
-Every loader returns plain dict "records":
+Every loader returns "records": dicts (CheckedRecord, a dict marked as checked, see the end of this docstring):
 
     {
       "id": str,              # from the data, else f"{file_stem}-{index}" (0-based record index)
@@ -25,20 +26,21 @@ Two input formats are accepted:
   "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}, paths relative to
   image_folder. <image> tags become <|image_k|>; a record with images but no <image> tag at all gets
   them prepended to its first user turn, as LLaVA tools do.
+
+Each check of a record runs once on every path. A record read from a file is checked when it is parsed: the
+format's keys and types, its turns (_check_turns) and its image tags (check_record_tags); it comes back a
+CheckedRecord, and phi3v.media.load_record_images does not check it again. Any other record (a recipe's to_record
+makes them from hub rows) is checked by load_record_images: its messages (conversation.check_messages) and its image
+tags, on the final messages (a video's frame tags in place of its placeholder).
 """
 
 import json
 import logging
 import os
 import re
-import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
-
-from phi3v.conversation import check_messages
 from phi3v.errors import InputError
-from phi3v.image_processing import to_rgb
 from phi3v.processing import IMAGE_TAG as IMAGE_TAG_RE
 from phi3v.processing import check_image_tags, check_text, image_tag_block
 
@@ -52,6 +54,11 @@ MAX_REASONS_LOGGED = 5
 
 class BadSampleError(InputError):
     """A data problem. The message starts with where it came from: "data/train.jsonl:12: ..."."""
+
+
+class CheckedRecord(dict):
+    """A record the file loaders made and checked when they parsed it (see the module docstring): a plain dict
+    otherwise, equal to one with the same items. A copy (dict(record)) is a plain dict, checked again when read."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +135,16 @@ def _require(obj, key, kind, source):
     return obj[key]
 
 
+def _conversation_turns(obj, source, keys):
+    """Yield (turn number from 1, "source: turn N", turn) for each turn of a record's "conversations"; a turn that
+    is not an object is refused, naming the keys a turn of its format has."""
+    for number, turn in enumerate(obj["conversations"], start=1):
+        where = f"{source}: turn {number}"
+        if not isinstance(turn, dict):
+            raise BadSampleError(f"{where}: must be an object with {' and '.join(map(repr, keys))}")
+        yield number, where, turn
+
+
 # --------------------------------------------------------------------------------------------------
 # the two record formats
 
@@ -138,10 +155,7 @@ def _parse_project(obj, source, image_root):
     if "system" in obj:
         messages.append({"role": "system", "content": _require(obj, "system", str, source)})
     images = []
-    for t, turn in enumerate(obj["conversations"], start=1):
-        where = f"{source}: turn {t}"
-        if not isinstance(turn, dict):
-            raise BadSampleError(f"{where}: must be an object with 'user' and 'assistant'")
+    for _, where, turn in _conversation_turns(obj, source, ("user", "assistant")):
         user = _require(turn, "user", str, where)
         answer = _require(turn, "assistant", str, where)
         paths = turn.get("images") or []
@@ -164,10 +178,7 @@ def _parse_project(obj, source, image_root):
 def _parse_llava(obj, source, image_folder):
     """A LLaVA-style record -> record dict (id filled in by the caller)."""
     messages = []
-    for t, turn in enumerate(obj["conversations"], start=1):
-        where = f"{source}: turn {t}"
-        if not isinstance(turn, dict):
-            raise BadSampleError(f"{where}: must be an object with 'from' and 'value'")
+    for _, where, turn in _conversation_turns(obj, source, ("from", "value")):
         sender = _require(turn, "from", str, where)
         if sender.lower() not in LLAVA_ROLES:
             known = ", ".join(LLAVA_ROLES)
@@ -233,9 +244,10 @@ def _parse_record(obj, source, default_id, image_folder, data_path):
             f"{source}: cannot tell the format: conversation turns need 'from'/'value' (LLaVA) "
             "or 'user'/'assistant' keys"
         )
+    # a video record has no tags yet: load_record_images puts its frames' tags in place of its one <video>
     check_record_tags(record["messages"], len(record["images"]), source)
     record_id = obj.get("id")
-    return {"id": str(record_id) if record_id is not None else default_id, "source": source, **record}
+    return CheckedRecord(id=str(record_id) if record_id is not None else default_id, source=source, **record)
 
 
 def _read_raw(path):
@@ -324,150 +336,3 @@ def load_records_with_report(path, image_folder=None, skip_bad_samples=False):
 def load_records(path, image_folder=None, skip_bad_samples=False):
     """Load and validate every record of `path` (project jsonl or LLaVA JSON/jsonl)."""
     return load_records_with_report(path, image_folder, skip_bad_samples)[0]
-
-
-def check_media(records, skip_bad_samples=False, workers=8):
-    """Look at every image and video file of `records` before training (the recipes call it before the model
-    loads): each image's header (not an image, 1x1, decompression-bomb sized) and each video's container and
-    frame count (demuxed, not decoded). A bad file stops here with its record and file, or with
-    skip_bad_samples its record is left out (logged); returns the records kept. Damage further inside a file
-    (a truncated image) still shows only when the sample is read, and is handled there."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def problem(record):
-        try:
-            for image in record.get("images") or []:
-                if isinstance(image, (str, os.PathLike)):
-                    _probe_image(image, record["source"])
-            if record.get("video"):
-                _probe_video(record["video"], record["source"])
-        except BadSampleError as error:
-            return error
-        return None
-
-    kept, reasons = [], []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for record, error in zip(records, pool.map(problem, records)):
-            if error is None:
-                kept.append(record)
-            elif skip_bad_samples:
-                reasons.append(str(error))
-            else:
-                raise error
-    if reasons:
-        logger.warning("skipped %d record(s) with bad media files, kept %d. First reasons:\n  %s",
-                       len(reasons), len(kept), "\n  ".join(reasons[:MAX_REASONS_LOGGED]))
-        if not kept:
-            raise BadSampleError(f"no usable records: all {len(reasons)} have bad media files (first: {reasons[0]})")
-    return kept
-
-
-def _probe_image(path, source) -> None:
-    """Read an image file's header: its format and size (no decoding)."""
-    name = os.fspath(path)
-    _check_size(_read_image_file(name, source, decode=False), name, source)
-
-
-def _read_image_file(name, source, decode: bool):
-    """An image file's size (header only), or with `decode` the whole image, upright. BadSampleError naming the
-    record and the file when it is missing, not an image, decompression-bomb sized or corrupt."""
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse both
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(name) as f:
-                if not decode:
-                    return f.size
-                f.load()
-                return ImageOps.exif_transpose(f)
-    except FileNotFoundError:
-        raise BadSampleError(f"{source}: image file not found: {name}") from None
-    except UnidentifiedImageError:
-        raise BadSampleError(f"{source}: not an image file (or unsupported format): {name}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadSampleError(
-            f"{source}: image too large, refused as a possible decompression bomb: {name} ({e})"
-        ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
-
-
-def _check_size(size, name, source) -> None:
-    width, height = size
-    if width < 2 or height < 2:
-        raise BadSampleError(f"{source}: image is {width}x{height} pixels (need at least 2x2): {name}")
-
-
-def _probe_video(path, source) -> None:
-    from phi3v.video import VideoError, count_frames
-
-    try:
-        count_frames(path)
-    except VideoError as e:
-        raise BadSampleError(f"{source}: cannot read video: {e}") from None  # e names the file
-
-
-# --------------------------------------------------------------------------------------------------
-# images and video frames
-
-
-def open_image(path_or_pil, source):
-    """Open an image fully (so truncation shows up now) and return it as an upright RGB image.
-
-    A PIL image passed in (e.g. a video frame, or a hub dataset's image, which the datasets library opens
-    lazily) is taken as already oriented; it is decoded now, checked for size and converted to RGB.
-    """
-    if isinstance(path_or_pil, Image.Image):
-        name, img = getattr(path_or_pil, "filename", None) or "<in-memory image>", path_or_pil
-        width, height = img.size
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise BadSampleError(
-                f"{source}: image too large, refused as a possible decompression bomb: {name} "
-                f"({width}x{height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS {Image.MAX_IMAGE_PIXELS})"
-            )
-        try:
-            img.load()  # a lazily opened image decodes here: truncation and corruption show up now
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise BadSampleError(f"{source}: corrupt or truncated image: {name} ({e})") from None
-    else:
-        name = str(path_or_pil)
-        img = _read_image_file(name, source, decode=True)
-    _check_size(img.size, name, source)
-    return to_rgb(img)
-
-
-def load_record_images(record, max_num_frames=10):
-    """Open a record's images, or sample its video's frames; return (images, messages).
-
-    For a video record the "<video>" placeholder (and one newline right after it, if any) is
-    replaced by one tag line per frame, "<|image_1|>\\n<|image_2|>\\n...<|image_n|>\\n", so
-    "<video>\\nWhat happens?" becomes "<|image_1|>\\n...<|image_n|>\\nWhat happens?".
-    The record itself is not modified.
-    """
-    source = record["source"]
-    try:  # the one check of the messages, first: records made by a recipe's to_record skip the loaders' checks
-        check_messages(record["messages"])
-    except ValueError as error:
-        raise BadSampleError(f"{source}: {error}") from None
-    messages = [dict(m) for m in record["messages"]]
-    if record.get("video"):
-        # video decoding pulls in PyAV; only import it when a record has a video
-        from phi3v.video import VideoError, read_video_frames
-
-        try:
-            frames = read_video_frames(record["video"], max_num_frames, max_frames=True)
-        except VideoError as e:
-            raise BadSampleError(f"{source}: cannot read video: {e}") from None  # e names the file
-        if not frames:
-            raise BadSampleError(f"{source}: no frames decoded from video {record['video']}")
-        images = [open_image(frame, source) for frame in frames]
-        tags = image_tag_block(range(1, len(images) + 1))
-        placeholders = [m for m in messages if VIDEO_PLACEHOLDER in m["content"]]
-        if len(placeholders) != 1 or placeholders[0]["content"].count(VIDEO_PLACEHOLDER) != 1:
-            raise BadSampleError(f"{source}: a video record needs exactly one <video> placeholder")
-        m = placeholders[0]
-        m["content"] = re.sub(re.escape(VIDEO_PLACEHOLDER) + r"\n?", lambda _: tags, m["content"], count=1)
-    else:
-        images = [open_image(p, source) for p in record["images"]]
-    check_record_tags(messages, len(images), source)
-    return images, messages

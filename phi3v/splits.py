@@ -5,8 +5,9 @@ import json
 import os
 
 from phi3v.errors import InputError
+from phi3v.media import check_media
 from phi3v.processing import image_tag_block
-from phi3v.records import check_media, load_records
+from phi3v.records import load_records
 
 
 def load_split(
@@ -15,7 +16,7 @@ def load_split(
     """Rows of one split: a datasets.Dataset (hub or save_to_disk copy) or a list of records (jsonl / JSON).
 
     Records are already in the project's form; Dataset rows go through the recipe's own `to_record`. A records
-    file's images and videos are looked at now (phi3v.records.check_media), before the model loads.
+    file's images and videos are looked at now (phi3v.media.check_media), before the model loads.
     """
     if dataset_path and os.path.isfile(dataset_path):
         return check_media(load_records(dataset_path, skip_bad_samples=skip_bad_samples), skip_bad_samples)

@@ -43,7 +43,8 @@ from transformers import TrainerCallback, TrainingArguments
 from phi3v import Phi3VForCausalLM
 from phi3v.checkpoints import is_complete, latest_complete_checkpoint
 from phi3v.dataset import SFTDataset
-from phi3v.records import BadSampleError, load_records, open_image
+from phi3v.media import open_image
+from phi3v.records import BadSampleError, load_records
 from phi3v.splits import load_split, rows_name, take
 from phi3v.training import make_trainer
 

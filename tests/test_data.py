@@ -4,13 +4,13 @@ import logging
 import pytest
 from PIL import Image
 
+from phi3v import media, records
+from phi3v.media import load_record_images, open_image
 from phi3v.records import (
     BadSampleError,
     check_record_tags,
-    load_record_images,
     load_records,
     load_records_with_report,
-    open_image,
 )
 
 
@@ -253,6 +253,84 @@ def test_load_record_images_opens_images(tmp_path, llava):
     assert [im.size for im in images] == [(8, 6), (8, 6)]
     assert images[1].getpixel((0, 0)) == (10, 20, 30)
     assert messages == record["messages"] and messages is not record["messages"]
+
+
+# --------------------------------------------------------------------------------------------------
+# each check of a record runs once, whichever way the record comes (phi3v.records' docstring)
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """{check's name: the arguments of each of its calls}, wherever it is called from."""
+    calls = {"check_messages": [], "_check_turns": [], "check_record_tags": []}
+
+    def counted(check):
+        def call(*args):
+            calls[check.__name__].append(args)
+            return check(*args)
+
+        return call
+
+    for module, name in [(media, "check_messages"), (records, "_check_turns"), (records, "check_record_tags"),
+                         (media, "check_record_tags")]:
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    return calls
+
+
+def counts(calls):
+    return {name: len(args) for name, args in calls.items()}
+
+
+def through_dataset(row, to_record):
+    """The record SFTDataset hands to load_record_images for `row`, with a recipe's `to_record`."""
+    from phi3v.dataset import SFTDataset
+
+    return SFTDataset([row], processor=None, to_record=to_record).record(0)
+
+
+def new_dict(row, index):  # a recipe's to_record makes a new dict (from a hub row)
+    return dict(row)
+
+
+@pytest.mark.parametrize("fmt", ["project", "llava"])
+def test_each_check_runs_once(tmp_path, project, fmt, checks):
+    if fmt == "project":
+        path = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [
+            {"images": [frame(0)], "user": "q", "assistant": "a"},
+            {"images": [frame(1)], "user": "r", "assistant": "b"},
+        ]}])
+    else:
+        path = write_json(tmp_path / "d.json", [{"image": [frame(0), frame(1)], "conversations": chat(
+            "<image>\nq", "a", "<image>\nr", "b")}])
+    [record] = load_records(path, image_folder=project / "images")  # a file's record: checked when parsed
+    assert counts(checks) == {"check_messages": 0, "_check_turns": 1, "check_record_tags": 1}
+    load_record_images(record)  # not again
+    assert counts(checks) == {"check_messages": 0, "_check_turns": 1, "check_record_tags": 1}
+    load_record_images(through_dataset(record, lambda row, index: row))  # ucf101's to_record: rows are records
+    assert counts(checks) == {"check_messages": 0, "_check_turns": 1, "check_record_tags": 1}
+
+    for calls in checks.values():
+        calls.clear()
+    _, messages = load_record_images(through_dataset(record, new_dict))  # a recipe's record: checked when read
+    assert counts(checks) == {"check_messages": 1, "_check_turns": 0, "check_record_tags": 1}
+    assert checks["check_record_tags"][0] == (messages, 2, record["source"])
+
+
+def test_each_check_of_a_video_record_runs_once(tmp_path, checks):
+    pytest.importorskip("phi3v.video")
+    write_video(tmp_path / "clip.mp4", num_frames=3)
+    path = write_json(tmp_path / "v.json", [{"video": "clip.mp4", "conversations": chat("What happens?", "x")}])
+    [record] = load_records(path, image_folder=tmp_path)  # its tags checked when parsed: none before the frames
+    assert counts(checks) == {"check_messages": 0, "_check_turns": 1, "check_record_tags": 1}
+    load_record_images(record)  # not again
+    assert counts(checks) == {"check_messages": 0, "_check_turns": 1, "check_record_tags": 1}
+
+    for calls in checks.values():
+        calls.clear()
+    _, messages = load_record_images(through_dataset(record, new_dict))
+    assert counts(checks) == {"check_messages": 1, "_check_turns": 0, "check_record_tags": 1}
+    assert checks["check_record_tags"][0] == (messages, 3, record["source"])  # on the final messages: the frames' tags
+    assert messages[0]["content"] == "<|image_1|>\n<|image_2|>\n<|image_3|>\nWhat happens?"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -327,7 +327,7 @@ def test_collator_on_random_conversations(processor, tokenizer):
 SURROGATE = r"text is not valid Unicode: lone surrogate '\\ud[89a-f][0-9a-f]{2}'"
 ORDER = r"image tags must be <\|image_(\d+)\|>, <\|image_\d+\|>, \.\.\. in order, each once; found .*"
 NOT_PIL = (r"image (\d+) is a (\w+), not a PIL\.Image\.Image "
-           r"\(open files with PIL\.Image\.open or phi3v\.records\.open_image first\)")
+           r"\(open files with PIL\.Image\.open or phi3v\.media\.open_image first\)")
 
 
 def tag_list(numbers):
