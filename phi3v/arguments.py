@@ -1,5 +1,7 @@
-"""Command-line arguments shared by the recipes: the original recipe's flags plus every TrainingArguments flag.
+"""Reading a recipe's command line: the flags every recipe takes (RecipeArguments), every TrainingArguments flag,
+and a recipe family's own (phi3v.task_flags: the original recipe's; phi3v.community_flags: the community recipe's).
 
+One parse tells the values and which flags were given; `derive` then fills in what follows from them:
 `--batch_size` is the global batch: per-GPU batch (`--batch_size_per_gpu`) x GPUs x gradient accumulation, so
 the same command line trains the same way on 1 or 8 GPUs. The optimizer and schedule are the original recipe's:
 AdamW betas (0.9, 0.95), eps 1e-7, weight decay `--wd`, 50 warm-up steps, linear decay.
@@ -17,27 +19,25 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from phi3v.errors import InputError
+from phi3v.errors import InputError, program_name
 
 logger = logging.getLogger(__name__)
 
-DS_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")  # shipped with the package
+# The top-level ds_configs/ folder; phi3v/ds_configs links to it, so a built wheel ships the same files.
+DS_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")
 DEFAULT_DEEPSPEED = os.path.join(DS_CONFIGS, "zero2.json")
 
 
 @dataclass
 class RecipeArguments:
+    """The flags every recipe takes, whichever flag family it belongs to (phi3v.task_flags: the original recipe's,
+    phi3v.community_flags: the community recipe's). `given` is filled in by parse_args: the names of the flags the
+    command line gave (a flag given with its default value counts), for the families' rules that depend on it."""
+
     model_name_or_path: str = field(
         default="microsoft/Phi-3.5-vision-instruct", metadata={"help": "hub id or local model folder"}
     )
-    dataset_path: str | None = field(
-        default=None,
-        metadata={"help": "local copy of the data: a datasets save_to_disk folder, or a jsonl file (project format)"},
-    )
     use_flash_attention: bool = field(default=False, metadata={"help": "flash-attn 2 if installed, else SDPA"})
-    use_lora: bool = field(default=False, metadata={"help": "LoRA on the language model (and vision unless frozen)"})
-    use_qlora: bool = field(default=False, metadata={"help": "4-bit nf4 base model + LoRA"})
-    freeze_vision_model: bool = field(default=False, metadata={"help": "freeze the CLIP tower (not the projector)"})
     batch_size: int = field(default=16, metadata={"help": "global batch size (all GPUs, all accumulation steps)"})
     batch_size_per_gpu: int = field(default=1, metadata={"help": "micro-batch size per GPU"})
     num_crops: int = field(
@@ -46,9 +46,6 @@ class RecipeArguments:
     wd: float = field(default=0.01, metadata={"help": "weight decay"})
     no_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
     lora_rank: int = field(default=64)
-    lora_alpha_ratio: float = field(
-        default=2.0, metadata={"help": "LoRA alpha = rank x this, rounded to a whole number (as the original recipe)"}
-    )
     lora_dropout: float = field(default=0.0)
     merge_lora: bool = field(default=False, metadata={"help": "also save a merged full model (LoRA runs)"})
     max_seq_length: int | None = field(default=None, metadata={"help": "refuse (or skip) longer samples"})
@@ -83,43 +80,7 @@ class RecipeArguments:
         default=None,
         metadata={"help": "TensorBoard log folder (transformers 5 dropped this flag; default <output_dir>/runs/...)"},
     )
-
-
-@dataclass
-class TaskRecipeArguments(RecipeArguments):
-    """The four task recipes' flags. Their strategies are the original recipe's (its published results were trained
-    so); three flags opt into what transformers 5 / current practice does instead (README, "Strategies")."""
-
-    use_lora: bool = field(
-        default=False,
-        metadata={"help": "LoRA on the language model's linear layers and lm_head, and on CLIP and the projector "
-                          "unless --freeze_vision_model (the original recipe's targets)"},
-    )
-    freeze_vision_model: bool = field(
-        default=False,
-        metadata={"help": "freeze the image embedding (CLIP, projector, separators) and the token embeddings, as the "
-                          "original recipe; --freeze_clip_only freezes CLIP alone"},
-    )
-    freeze_clip_only: bool = field(
-        default=False,
-        metadata={"help": "freeze only the CLIP tower: the projector, its separators and the token embeddings train "
-                          "(with LoRA: the projector is adapted, CLIP is not)"},
-    )
-    exempt_norms_from_decay: bool = field(
-        default=False,
-        metadata={"help": "no weight decay on the RMSNorm weights either (transformers 5's rule); the original "
-                          "recipe exempts only biases and LayerNorm weights"},
-    )
-    lora_exclude_lm_head: bool = field(
-        default=False,
-        metadata={"help": "leave lm_head out of LoRA (the original recipe adapts it; PEFT then also stores lm_head's "
-                          "base weight in the adapter, ~200 MB in bf16)"},
-    )
-
-    def __post_init__(self):
-        if self.lora_exclude_lm_head and not (self.use_lora or self.use_qlora):
-            raise ValueError("--lora_exclude_lm_head applies to LoRA runs only: add --use_lora (or --use_qlora), "
-                             "or drop it")
+    given: tuple = field(default=(), init=False)  # not a flag (init=False): set by parse_args
 
 
 # Defaults of the original recipe where they differ from TrainingArguments'.
@@ -149,18 +110,24 @@ def default_dataloader_workers() -> int:
     return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def parse_args(task_class=None, argv=None, recipe_class=TaskRecipeArguments, **script_defaults):
+def parse_args(task_class=None, argv=None, recipe_class=None, program=None, **script_defaults):
     """(recipe_args, task_args or None, training_args) from the command line.
 
-    recipe_class: TaskRecipeArguments (the four task recipes) or RecipeArguments (the custom recipe, whose own
-    flags choose what trains). script_defaults override RecipeArguments / TrainingArguments defaults for one recipe
-    (e.g. num_crops=4).
+    recipe_class: the recipe's flag family, phi3v.task_flags.TaskRecipeArguments (the four task recipes, the default)
+    or RecipeArguments (the flags every recipe shares; the community recipes put their family,
+    phi3v.community_flags.CommunityArguments, in their task_class). task_class: the recipe's own flags.
+    script_defaults override RecipeArguments / TrainingArguments defaults for one recipe (e.g. num_crops=4).
+    program: the recipe's file name in messages (default: this process's script).
+
     The command line is parsed once (flags must be spelled in full: no abbreviations; `--flag value` and
-    `--flag=value` alike); the derived values (global batch -> per-GPU batch and accumulation, fp16 on GPU,
-    `--deepspeed none`, `--warmup_ratio`, ...) then fill in what was not given, and the dataclasses are built last
-    (TrainingArguments reads the batch size into the DeepSpeed config when it is built). A bad flag raises an
-    InputError naming it.
+    `--flag=value` alike), which also tells which flags were given (`recipe_args.given`); the derived values (global
+    batch -> per-GPU batch and accumulation, fp16 on GPU, `--deepspeed none`, `--warmup_ratio`, ...) then fill in
+    what was not given, the dataclasses are built (TrainingArguments reads the batch size into the DeepSpeed config
+    when it is built), and each family's `resolve(recipe_args)` gives its flags their meanings. A bad flag or
+    combination raises an InputError naming it.
     """
+    if recipe_class is None:  # imported here: phi3v.task_flags builds on this module
+        from phi3v.task_flags import TaskRecipeArguments as recipe_class
     argv = list(sys.argv[1:] if argv is None else argv)
     classes = [recipe_class] + ([task_class] if task_class else []) + [TrainingArguments]
     parser = HfArgumentParser(classes, allow_abbrev=False)
@@ -170,11 +137,14 @@ def parse_args(task_class=None, argv=None, recipe_class=TaskRecipeArguments, **s
         deepspeed=DEFAULT_DEEPSPEED if gpu else None,
         optim="adamw_torch_fused" if gpu else "adamw_torch",
         dataloader_num_workers=default_dataloader_workers(),
-        **_checkpointing_defaults(),
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=not gpu,
     )
     parser.set_defaults(**script_defaults)
-    namespace, given = parse_once(parser, argv)
+    hints = {flag: hint for cls in classes for flag, hint in getattr(cls, "flag_hints", {}).items()}
+    namespace, given = parse_once(parser, argv, flag_names(classes), {**FLAG_HINTS, **hints},
+                                  program or program_name())
     derive(namespace, given, gpu)
 
     parsed = []
@@ -186,60 +156,49 @@ def parse_args(task_class=None, argv=None, recipe_class=TaskRecipeArguments, **s
         except ValueError as error:  # TrainingArguments' own checks of flag combinations
             raise InputError(f"invalid arguments: {' '.join(str(error).split())}") from None
     recipe_args, training_args = parsed[0], parsed[-1]
+    recipe_args.given = tuple(sorted(given))
+    for args in parsed[:-1]:  # a flag family's meanings that need more than its own flags
+        if hasattr(args, "resolve"):
+            args.resolve(recipe_args)
     task_args = parsed[1] if task_class else None
-    if getattr(recipe_args, "use_qlora", False):
-        recipe_args.use_lora = True
     return recipe_args, task_args, training_args
 
 
-def parse_once(parser, argv) -> tuple[argparse.Namespace, set[str]]:
+def flag_names(classes) -> set[str]:
+    """The destinations of every flag the parser of `classes` has: HfArgumentParser makes one per init field."""
+    return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
+
+
+def parse_once(parser, argv, names: set[str], hints: dict, program: str) -> tuple[argparse.Namespace, set[str]]:
     """(namespace with every option, names of the options the command line gave), from one parse of argv.
 
-    Which options were given is argparse's own knowledge: the parse runs with a marker as every default, so
-    `--x=1`, `--x 1` and `--no_x` all count, whatever the spelling."""
+    argparse sets a default only on a namespace attribute that is not there yet; the parse starts from a namespace
+    holding a marker for every option, so what still holds it afterwards was not given (`--x=1`, `--x 1` and `--no_x`
+    all count, whatever the value), and only then gets its default."""
     unset = object()
-    defaults = {action.dest: parser.get_default(action.dest) for action in parser._actions if action.dest != "help"}
-    saved = [(action, action.default) for action in parser._actions]
-    saved_parser_defaults = dict(parser._defaults)
-    parser.set_defaults(**{dest: unset for dest in defaults})
-    try:
-        namespace, unknown = parser.parse_known_args(argv)
-    finally:
-        for action, default in saved:
-            action.default = default
-        parser._defaults.clear()
-        parser._defaults.update(saved_parser_defaults)
+    namespace, unknown = parser.parse_known_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
     if unknown:
-        raise InputError(unknown_flag_message(parser, unknown))
-    given = {dest for dest, value in vars(namespace).items() if value is not unset}
-    actions = {action.dest: action for action in parser._actions}
-    for dest, default in defaults.items():
-        if dest not in given:
-            action = actions[dest]
-            if isinstance(default, str) and action.type is not None:  # as argparse converts a string default
-                default = parser._get_value(action, default)
-            setattr(namespace, dest, default)
+        raise InputError(unknown_flag_message(names, unknown, hints, program))
+    given = {name for name in names if getattr(namespace, name) is not unset}
+    for name in names - given:
+        setattr(namespace, name, parser.get_default(name))
     return namespace, given
 
 
-# Flags of other recipes (or older libraries) that mean something else here: what to use instead.
-FLAG_HINTS = {
-    "--lr": "did you mean --learning_rate?",
-    "--lora_alpha": "this recipe sets LoRA alpha as --lora_alpha_ratio x --lora_rank (alpha 16 at rank 64 is "
-                    "--lora_alpha_ratio 0.25)",
-}
+# Flags of other recipes (or older libraries) that mean something else here: the message to give instead. A flag
+# family adds its own (its dataclass's `flag_hints`); {flag} and {program} are filled in.
+FLAG_HINTS = {"--lr": "unknown flag {flag}: did you mean --learning_rate?"}
 
 
-def unknown_flag_message(parser, unknown: list[str]) -> str:
+def unknown_flag_message(names: set[str], unknown: list[str], hints: dict, program: str) -> str:
     """'unknown flag --lr: did you mean --learning_rate?' for the first unknown option (or stray value)."""
-    flags = sorted({option for action in parser._actions for option in action.option_strings
-                    if option.startswith("--") and "-" not in option[2:]})  # the --snake_case spellings
+    flags = sorted(f"--{name}" for name in names)
     options = [token for token in unknown if token.startswith("-")]
     if not options:
         return f"unexpected value {unknown[0]!r} on the command line (values follow their flag: --flag value)"
     name = options[0].split("=", 1)[0]
-    if name in FLAG_HINTS:
-        return f"unknown flag {name}: {FLAG_HINTS[name]}"
+    if name in hints:
+        return hints[name].format(flag=name, program=program)
     name = "--" + name.lstrip("-").replace("-", "_")
     if name in flags:  # a spelling argparse does not know, of a known flag (-learning_rate)
         return f"unknown flag {options[0].split('=', 1)[0]}: did you mean {name}?"
@@ -250,7 +209,7 @@ def unknown_flag_message(parser, unknown: list[str]) -> str:
 
 
 def packaged_deepspeed_config(path: str) -> str:
-    """`zero3.json` or `ds_configs/zero3.json` (the README's spelling, from any folder) -> this package's file of that
+    """`zero3.json` or `ds_configs/zero3.json` (the README's spelling, from any folder) -> this project's file of that
     name; any other path is returned as it is."""
     folder, name = os.path.split(os.path.normpath(path))
     packaged = os.path.join(DS_CONFIGS, name)
@@ -261,6 +220,22 @@ def packaged_deepspeed_config(path: str) -> str:
 
 def derive(ns, given: set[str], gpu: bool) -> None:
     """Fill in the values that follow from others, for the options the command line did not give."""
+    resolve_deepspeed(ns, given)
+    _one_of(ns, given, "wd", "weight_decay")
+    if "weight_decay" not in given:
+        ns.weight_decay = ns.wd
+    if "disable_tqdm" not in given:
+        ns.disable_tqdm = ns.no_tqdm
+    if gpu and not ns.bf16 and "fp16" not in given:
+        ns.fp16 = True  # the original recipe: fp16 mixed precision unless --bf16
+    split_batch(ns, given)
+    translate_renamed_flags(ns, given)
+    check_environment(ns)
+
+
+def resolve_deepspeed(ns, given: set[str]) -> None:
+    """--deepspeed: none -> off; this project's configs found by name from any folder; a quantized base model runs
+    without it unless asked for (4- and 8-bit weights are not ZeRO-partitioned)."""
     if isinstance(ns.deepspeed, str) and ns.deepspeed.strip().lower() in ("none", ""):
         ns.deepspeed = None
     if isinstance(ns.deepspeed, str) and not ns.deepspeed.lstrip().startswith("{") and not os.path.isfile(ns.deepspeed):
@@ -269,18 +244,15 @@ def derive(ns, given: set[str], gpu: bool) -> None:
             configs = ", ".join(sorted(name for name in os.listdir(DS_CONFIGS) if name.endswith(".json")))
             raise InputError(f"--deepspeed {ns.deepspeed}: no such file; this project's configs are in {DS_CONFIGS} "
                              f"({configs}), or --deepspeed none")
-    if getattr(ns, "use_qlora", False) and ns.deepspeed and "deepspeed" not in given:
-        logger.warning("QLoRA runs without DeepSpeed (4-bit weights are not ZeRO-partitioned); using DDP")
+    quantized = getattr(ns, "use_qlora", False) or getattr(ns, "bits", 16) < 16
+    if quantized and ns.deepspeed and "deepspeed" not in given:
+        logger.warning("a quantized base model (QLoRA, --bits) runs without DeepSpeed (4- and 8-bit weights are not "
+                       "ZeRO-partitioned); using DDP")
         ns.deepspeed = None
 
-    _one_of(ns, given, "wd", "weight_decay")
-    if "weight_decay" not in given:
-        ns.weight_decay = ns.wd
-    if "disable_tqdm" not in given:
-        ns.disable_tqdm = ns.no_tqdm
-    if gpu and not ns.bf16 and "fp16" not in given:
-        ns.fp16 = True  # the original recipe: fp16 mixed precision unless --bf16
 
+def split_batch(ns, given: set[str]) -> None:
+    """--batch_size (global) -> per-GPU batch x accumulation, unless --gradient_accumulation_steps sets it."""
     _one_of(ns, given, "batch_size_per_gpu", "per_device_train_batch_size")
     per_gpu = ns.per_device_train_batch_size if "per_device_train_batch_size" in given else ns.batch_size_per_gpu
     if "gradient_accumulation_steps" in given:
@@ -293,16 +265,18 @@ def derive(ns, given: set[str], gpu: bool) -> None:
         for name, value in split_global_batch(ns.batch_size, per_gpu, world_size).items():
             setattr(ns, name, value)
 
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; the old name still works here.
+
+def translate_renamed_flags(ns, given: set[str]) -> None:
+    """Flags of older transformers keep their meaning: --gradient_checkpointing (now activation_checkpointing),
+    --warmup_ratio (now a fraction given as --warmup_steps), --logging_dir (now an environment variable)."""
     for old, new in (("gradient_checkpointing", "activation_checkpointing"),
                      ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-        if hasattr(ns, new) and old in given:
+        if old in given:
             if new in given and getattr(ns, new) != getattr(ns, old):
                 raise InputError(f"--{old} (the old name of --{new}) and --{new} differ; give one")
             setattr(ns, new, getattr(ns, old))
             setattr(ns, old, None)
-
-    if ns.warmup_ratio is not None:  # transformers 4's --warmup_ratio: warmup_steps < 1 is a fraction in 5.x
+    if ns.warmup_ratio is not None:
         if "warmup_steps" in given:
             raise InputError("--warmup_ratio and --warmup_steps both set the warm-up; give one")
         if not 0 <= ns.warmup_ratio < 1:
@@ -310,6 +284,11 @@ def derive(ns, given: set[str], gpu: bool) -> None:
         ns.warmup_steps = ns.warmup_ratio
     if ns.logging_dir:  # transformers 5's TensorBoard callback reads its folder from the environment
         os.environ["TENSORBOARD_LOGGING_DIR"] = ns.logging_dir
+
+
+def check_environment(ns) -> None:
+    """What this machine cannot do, said before the run starts: TF32 without an Ampere GPU (off, with a warning),
+    a --report_to whose package is missing (refused)."""
     if ns.tf32 and not _tf32_available():
         logger.warning("--tf32: TF32 needs an NVIDIA GPU of the Ampere generation or newer, none here; TF32 stays off")
         ns.tf32 = None
@@ -352,13 +331,6 @@ def split_global_batch(batch_size: int, per_gpu: int, world_size: int) -> dict:
             batch_size, per_gpu, world_size, per_gpu * world_size * accumulation,
         )
     return {"per_device_train_batch_size": per_gpu, "gradient_accumulation_steps": accumulation}
-
-
-def _checkpointing_defaults() -> dict:
-    """Non-reentrant activation checkpointing, under the name this transformers version uses (renamed in 5.2x)."""
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {prefix: True, f"{prefix}_kwargs": {"use_reentrant": False}}
 
 
 def model_dtype(training_args) -> torch.dtype:

@@ -1,4 +1,5 @@
-"""Loading the model for a training strategy: full, frozen vision tower, LoRA, QLoRA (4-bit base + LoRA)."""
+"""Loading the model for a training strategy (full, frozen parts, LoRA, QLoRA): the steps every flag family's
+model plan is made of, and checking and loading saved LoRA adapters."""
 
 import importlib.util
 import json
@@ -6,6 +7,8 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,11 +23,32 @@ LANGUAGE_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
+@dataclass
+class ModelPlan:
+    """What a flag family makes of the model (phi3v.task_flags, phi3v.community_flags), for
+    phi3v.training.model_for_training: the families' flags mean different things, the steps are the same."""
+
+    load: dict = field(default_factory=dict)  # load_model's options: bits (quantisation), quant_type, skip_modules...
+    freeze: Callable | None = None  # model -> None: freezes parts of the base model, before LoRA
+    lora: dict | None = None  # apply_lora's options (rank, alpha, dropout, ...); None: no LoRA
+    lora_targets: Callable | None = None  # model -> the names of the modules LoRA wraps
+    finish: Callable | None = None  # model -> None: after LoRA, the last word on what trains
+
+    @property
+    def quantized(self) -> bool:
+        return self.load.get("bits", 16) < 16
+
+
+def flash_attention_available() -> bool:
+    """flash-attn installed and a GPU to run it on."""
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
 def attention_implementation(use_flash_attention: bool) -> str:
     """flash_attention_2 when asked for and installed; otherwise SDPA (with a warning if flash was asked for)."""
     if not use_flash_attention:
         return "sdpa"
-    if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+    if not flash_attention_available():
         logger.warning("--use_flash_attention: flash-attn is not installed (or no GPU); using SDPA attention instead")
         return "sdpa"
     return "flash_attention_2"
@@ -230,14 +254,31 @@ def _expected_lora_shape(module, part: str, found: tuple) -> tuple | None:
     return (fan_out, found[1] if len(found) == 2 else "r")
 
 
-def check_adapter_fits(base_model, adapter_dir) -> None:
-    """Raise ValueError (naming the adapter, the base model and the first tensor that does not fit) unless every
-    tensor of the adapter in `adapter_dir` has a module of `base_model` to go on, with matching shapes."""
-    base = _base(base_model)
+def check_adapter_fits(model, adapter_dir, settings: str = "the model's LoRA adapters") -> None:
+    """Raise ValueError (naming the adapter, the model and the first tensor that does not fit) unless the adapter in
+    `adapter_dir` fits `model`, the one check of a saved adapter:
+
+    - onto a base model (loading an adapter: predict.py, merging): every tensor of the adapter has a module of the
+      base to go on, with matching shapes (any rank);
+    - onto a model that has adapters already (warm-starting a run's adapters from a saved folder): the adapter holds
+      exactly the model's adapter tensors (and fully trained copies), with their shapes: same targets, same rank
+      (`settings` names what decided them, in the message)."""
+    shapes = adapter_tensor_shapes(adapter_dir)
+    own = {saved_adapter_name(name): tuple(p.shape) for name, p in model.named_parameters()
+           if ".lora_" in name or ".modules_to_save." in name}
+    if own:
+        differ = [(key, shapes.get(key), shape) for key, shape in own.items() if shapes.get(key) != shape]
+        differ += [(key, shape, None) for key, shape in shapes.items() if key not in own]
+        if differ:
+            key, there, here = differ[0]
+            raise ValueError(
+                f"{adapter_dir}: its adapter does not match {settings}, first {key}: "
+                f"{there if there is not None else 'absent'} there, {here if here is not None else 'absent'} here")
+        return
+    base = _base(model)
     base_name = getattr(base, "name_or_path", "") or type(base).__name__
     modules = dict(base.named_modules())
     parameters = {name: tuple(p.shape) for name, p in base.named_parameters()}
-    shapes = adapter_tensor_shapes(adapter_dir)
     missing, mismatched = [], []
     for key, found in shapes.items():
         name = key.removeprefix("base_model.model.")
@@ -270,6 +311,12 @@ def check_adapter_fits(base_model, adapter_dir) -> None:
             f"{where}: {len(missing)} of its {len(shapes)} tensors adapt modules the base model does not have, "
             f"first {key} (shape {found}): the base model has no {module_name}{hint}"
         )
+
+
+def saved_adapter_name(name: str) -> str:
+    """The name PEFT saves a PeftModel parameter under: without the adapter name and the modules_to_save wrapper
+    ("...q_proj.lora_A.default.weight" -> "...q_proj.lora_A.weight")."""
+    return name.replace(".default", "").replace(".modules_to_save", "")
 
 
 def load_adapter(base_model, adapter_dir, **kwargs):

@@ -8,12 +8,15 @@ each group's base lr by the same factor, so every group follows the same schedul
 The lr of each group goes into the logs by phi3v.callbacks.LearningRateLogCallback.
 """
 
+import logging
 import re
 
 import torch
 from torch import nn
 
 from phi3v.compat import get_parameter_names
+
+logger = logging.getLogger(__name__)
 
 # The patterns transformers' Trainer.get_decay_parameter_names uses (on lower-cased names), plus nn.LayerNorm modules.
 NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -78,6 +81,9 @@ def build_optimizer(model: nn.Module, training_args, vision_lr=None, projector_l
     if not param_groups:
         raise ValueError("nothing to train: every parameter is frozen (check the freeze / LoRA options)")
 
+    for group in param_groups:
+        logger.info("optimizer group %-20s lr %.3g, weight decay %g, %s parameters", group["name"], group["lr"],
+                    group["weight_decay"], f"{sum(p.numel() for p in group['params']):,}")
     # Fused kernels only when asked for (the GPU default) and every parameter already sits on the GPU.
     fused = "fused" in str(training_args.optim) and all(p.is_cuda for g in param_groups for p in g["params"])
     return torch.optim.AdamW(

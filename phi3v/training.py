@@ -2,8 +2,6 @@
 
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
@@ -12,15 +10,7 @@ from phi3v.arguments import model_dtype
 from phi3v.callbacks import NonFiniteCallback, SigtermCallback, ThroughputCallback
 from phi3v.collator import Phi3VDataCollator
 from phi3v.metrics import normalise_answer
-from phi3v.model_setup import (
-    apply_lora,
-    count_parameters,
-    freeze_vision_embedding,
-    freeze_vision_tower,
-    load_model,
-    lora_target_modules,
-    prepare_for_kbit_training,
-)
+from phi3v.model_setup import ModelPlan, apply_lora, count_parameters, load_model, prepare_for_kbit_training
 from phi3v.optim import decay_parameter_names, original_decay_parameter_names
 from phi3v.reporting import save_run_config, write_end_of_run_plots
 
@@ -34,49 +24,13 @@ def setup_logging(training_args) -> None:
     )
 
 
-@dataclass
-class ModelPlan:
-    """What a recipe family's flags make of the model, for model_for_training: the four task recipes' flags
-    (`task_recipe_plan`) and the custom recipe's (2U1's) mean different things, the steps are the same."""
-
-    load: dict = field(default_factory=dict)  # load_model's options: bits (quantisation), quant_type, skip_modules...
-    freeze: Callable | None = None  # model -> None: freezes parts of the base model, before LoRA
-    lora: dict | None = None  # apply_lora's options (rank, alpha, dropout, ...); None: no LoRA
-    lora_targets: Callable | None = None  # model -> the names of the modules LoRA wraps
-    finish: Callable | None = None  # model -> None: after LoRA, the last word on what trains
-
-    @property
-    def quantized(self) -> bool:
-        return self.load.get("bits", 16) < 16
-
-
-def task_recipe_plan(args) -> ModelPlan:
-    """The four task recipes' strategies: full, frozen vision, LoRA or QLoRA.
-
-    As the original recipe (its published results): --freeze_vision_model freezes the whole image embedding and the
-    token embeddings; LoRA adapts lm_head too. --freeze_clip_only and --lora_exclude_lm_head opt out (README,
-    "Strategies")."""
-    frozen = args.freeze_vision_model or args.freeze_clip_only
-    freeze = freeze_vision_tower if args.freeze_clip_only else freeze_vision_embedding if frozen else None
-    lora = None
-    if args.use_lora:  # alpha as the original's create_lora_config
-        lora = dict(rank=args.lora_rank, alpha=round(args.lora_rank * args.lora_alpha_ratio), dropout=args.lora_dropout,
-                    use_dora=args.use_dora)
-
-    def targets(model):
-        return lora_target_modules(model, vision=not frozen, projector=not frozen or args.freeze_clip_only,
-                                   lm_head=not args.lora_exclude_lm_head)
-
-    return ModelPlan(load={"bits": 4 if args.use_qlora else 16}, freeze=freeze, lora=lora, lora_targets=targets)
-
-
 def model_for_training(args, training_args, plan: ModelPlan | None = None):
     """The model of every recipe, with what trains left trainable: loaded (quantized with the plan's bits), parts
     frozen, prepared for k-bit training, LoRA adapters, the plan's last word, then placed on this process's device.
 
-    args: the shared recipe arguments (model_name_or_path, use_flash_attention); plan: the task recipes' own
-    (task_recipe_plan(args)) unless given."""
-    plan = plan or task_recipe_plan(args)
+    args: the recipe arguments (model_name_or_path, use_flash_attention); plan: what the recipe's flag family makes of
+    the model (phi3v.community_flags), by default `args.model_plan()` (the four task recipes', phi3v.task_flags)."""
+    plan = plan or args.model_plan()
     start_deepspeed_comm_for_zero3(training_args)
     model = load_model(args.model_name_or_path, dtype=model_dtype(training_args),
                        use_flash_attention=args.use_flash_attention, **plan.load)
@@ -182,9 +136,11 @@ def save_outputs(trainer: Trainer, processor, args) -> None:
     trainer.save_model(output_dir)
     if trainer.args.process_index == 0:
         processor.save_pretrained(output_dir)
-    if args.use_lora and args.merge_lora:
-        merged_dir = os.path.join(output_dir, "merged")
-        merge_lora(trainer.model, merged_dir, processor, quantized=args.use_qlora, main=trainer.args.process_index == 0)
+    lora = hasattr(trainer.model, "get_base_model")  # a PeftModel
+    if lora and args.merge_lora:
+        quantized = getattr(trainer.model.get_base_model(), "hf_quantizer", None) is not None
+        merge_lora(trainer.model, os.path.join(output_dir, "merged"), processor, quantized=quantized,
+                   main=trainer.args.process_index == 0)
 
 
 def merge_lora(peft_model, merged_dir, processor, quantized=False, main=True) -> None:

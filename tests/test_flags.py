@@ -9,7 +9,6 @@
 In-process on the tiny checkpoint (2 decoder layers; CLIP 2 layers, of which the first is the feature layer).
 """
 
-import dataclasses
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 import finetune_hf_trainer_custom as custom  # noqa: E402
 import phi3v.training  # noqa: E402
-from phi3v.arguments import RecipeArguments, parse_args  # noqa: E402
+from phi3v.arguments import parse_args  # noqa: E402
 from phi3v.errors import InputError, program_name  # noqa: E402
 
 FAST = ["--num_crops", "1", "--report_to", "none", "--deepspeed", "none", "--dataloader_num_workers", "0",
@@ -242,9 +241,10 @@ def test_2u1_refusals_are_one_line(work):
                                      "ratio)"),
     (["--lora_alpa", "16"], "error: unknown flag --lora_alpa: did you mean --lora_alpha?"),
     (["--freeze_vision_model"], "error: --freeze_vision_model is a flag of the four task recipes, not of "
-                                "finetune_hf_trainer_custom.py; use --freeze_vision_tower"
-     if "freeze_vision_model" in {f.name for f in dataclasses.fields(RecipeArguments)} else
-     "error: unknown flag --freeze_vision_model: did you mean --freeze_vision_tower?"),
+                                "finetune_hf_trainer_custom.py; use --freeze_vision_tower"),
+    # given with its default value, a task recipe's flag is refused all the same
+    (["--use_lora", "False"], "error: --use_lora is a flag of the four task recipes, not of "
+                              "finetune_hf_trainer_custom.py; use --lora_enable"),
     (["--lora_enable", "--lora_bias", "some"], "error: --lora_bias must be none, all or lora_only, got 'some'"),
 ])
 def test_custom_flag_errors(work, flags, message):
@@ -378,6 +378,36 @@ def test_the_readmes_deepspeed_paths_find_the_packaged_configs_from_any_folder(t
     own.write_text('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}')
     _, _, training_args = parse_args(argv=["--deepspeed", "ds_configs/zero3.json"])
     assert training_args.deepspeed == "ds_configs/zero3.json"
+
+
+def test_ds_configs_have_one_source_that_an_installed_package_finds(tmp_path):
+    """ds_configs/ at the top level holds the files; phi3v/ds_configs is a link to it (no second copy to keep in
+    sync); a wheel built from the project carries them inside the package, and the installed package finds them
+    by the README's spelling from any folder."""
+    from phi3v.arguments import DS_CONFIGS
+
+    top = os.path.join(ROOT, "ds_configs")
+    assert sorted(n for n in os.listdir(top) if n.endswith(".json")) == [
+        "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"]
+    assert os.path.islink(os.path.join(ROOT, "phi3v", "ds_configs"))
+    assert os.path.realpath(DS_CONFIGS) == os.path.realpath(top)
+
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheels), ROOT], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                    *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    installed = site / "phi3v" / "ds_configs"
+    assert not installed.is_symlink()
+    for name in ("zero2.json", "zero3_offload.json"):
+        assert (installed / name).read_bytes() == open(os.path.join(top, name), "rb").read()
+    probe = ("import phi3v.arguments as a; _, _, t = a.parse_args(argv=['--deepspeed', 'ds_configs/zero3.json', "
+             "'--report_to', 'none']); print(a.__file__); print(t.deepspeed)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(site)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, config = result.stdout.split()[-2:]
+    assert module == str(site / "phi3v" / "arguments.py") and config == str(installed / "zero3.json")
 
 
 def test_gradient_checkpointing_false_is_honoured(tmp_path):
@@ -578,12 +608,11 @@ def test_flash_attention_follows_disable_flash_attn2(work, monkeypatch):
     args, _, _ = custom_parse(work, *FAST)
     flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     assert args.use_flash_attention is flash
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else
-                        real_find_spec(name, *a))
-    assert custom.flash_attention_wanted(disable=False, asked=False) is True
-    assert custom.flash_attention_wanted(disable=True, asked=True) is False
+    import phi3v.community_flags
+
+    monkeypatch.setattr(phi3v.community_flags, "flash_attention_available", lambda: True)  # flash-attn and a GPU
+    assert custom_parse(work, *FAST)[0].use_flash_attention is True
+    assert custom_parse(work, *FAST, "--disable_flash_attn2", "--use_flash_attention")[0].use_flash_attention is False
 
 
 def test_lazy_preprocess_is_accepted_and_says_it_changes_nothing(work, monkeypatch, caplog):
