@@ -5,8 +5,9 @@ Parameter names are the official ones (docs/DESIGN.md §1.2): `model.embed_token
 layout (592 tensors at full size) with no key mapping of our own.
 """
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -20,6 +21,14 @@ from phi3v.compat import (
 )
 from phi3v.configuration import Phi3VConfig
 from phi3v.image_embedding import Phi3VImageEmbedding
+
+
+@dataclass
+class Phi3VCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `token_log_probs` [N]: log p(logp_targets[i]) from the hidden state at
+    logp_positions[i], when the forward was asked for them (docs/DESIGN.md §12)."""
+
+    token_log_probs: torch.FloatTensor | None = None
 
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
@@ -88,22 +97,31 @@ class Phi3VModel(Phi3Model):
             embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), features)
         return self.embed_dropout(embeds)
 
-    def packed_attention_mask(self, inputs_embeds, position_ids):
-        """The attention mask of padding-free rows (samples one after another, position ids restarting at 0):
-        causal within each sample, nothing across samples. Built here from the position ids alone, without
+    def packed_attention_mask(self, inputs_embeds, position_ids, branch_ids=None):
+        """The attention mask of padding-free rows (sdpa / eager / flex; flash attention takes no mask).
+
+        Samples lie one after another, position ids restarting at 0 for each: a token attends to earlier tokens of
+        its own sample. A shared-prefix row (docs/DESIGN.md §12) also has `branch_ids`: 0 on a group's prompt, i on
+        its completion i (whose positions continue the prompt's); a token then attends only to the prompt and its
+        own branch, so each completion sees its prompt and itself, never the other completions. Without branch_ids
+        every token is on branch 0 and the mask is plain packing's. Built from these ids alone, without
         transformers' own packed-sequence detection, which checks the ids on the host (a GPU sync)."""
         if self.config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
             return None  # flash attention takes the sample boundaries as cu_seq_lens instead of a mask
         batch = inputs_embeds.shape[0]
-        # 1, 1, 1, 2, 2, 3, ...: which sample each token belongs to
+        # 1, 1, 1, 2, 2, 3, ...: which sample each token belongs to (a completion continues its prompt's positions)
         sample_index = (position_ids.expand(batch, -1) == 0).cumsum(-1)
+        branch = torch.zeros_like(sample_index) if branch_ids is None else branch_ids.expand(batch, -1)
 
-        def same_sample(batch_idx, head_idx, q_idx, kv_idx):
-            return sample_index[batch_idx, q_idx] == sample_index[batch_idx, kv_idx]
+        def same_sample_and_visible_branch(batch_idx, head_idx, q_idx, kv_idx):
+            kv_branch = branch[batch_idx, kv_idx]
+            same_sample = sample_index[batch_idx, q_idx] == sample_index[batch_idx, kv_idx]
+            return same_sample & ((kv_branch == 0) | (kv_branch == branch[batch_idx, q_idx]))
 
-        # Causal over the row AND within one sample: samples are contiguous, so this is causal within each sample.
+        # Causal over the row AND the above: samples and branches are contiguous, so this is causal within each.
         return create_causal_mask(
-            self.config, inputs_embeds, attention_mask=None, cache=None, and_mask_function=same_sample
+            self.config, inputs_embeds, attention_mask=None, cache=None,
+            and_mask_function=same_sample_and_visible_branch,
         )
 
 
@@ -146,10 +164,18 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         image_grids: list | None = None,
         image_positions: torch.LongTensor | None = None,
         loss_positions: torch.LongTensor | None = None,
+        branch_ids: torch.LongTensor | None = None,
+        max_sequence_length: int | None = None,
+        logp_positions: torch.LongTensor | None = None,
+        logp_targets: torch.LongTensor | None = None,
+        logp_temperature: float = 1.0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """Loss and logits. With `labels`, only the supervised positions go through `lm_head` and `logits` is
-        None: the [tokens x 32064] logits of a whole multimodal sequence are never built for training.
+    ) -> Phi3VCausalLMOutput:
+        """Loss and logits, or the log-probabilities of given tokens. With `labels`, only the supervised positions go
+        through `lm_head` and `logits` is None: the [tokens x 32064] logits of a whole multimodal sequence are never
+        built for training. With `logp_positions` and `logp_targets` (the flat indices b * length + t of the hidden
+        states that predict each target, and the target ids), `token_log_probs` holds log softmax(logits /
+        logp_temperature) at each target, from those positions only; `logits` is None then too.
 
         The training collator (phi3v.collator.Phi3VDataCollator) also passes what it knows on the host, so that the
         step never waits for the GPU: `image_grids` and `image_positions` (see `Phi3VModel.embed`) and
@@ -157,8 +183,14 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         (padding-free) rows come with `position_ids` restarting at 0 for each sample, no attention_mask, and
         transformers' varlen arguments `cu_seq_lens_q/k` (sample boundaries) and `max_length_q/k` (the longest
         sample, an int): flash attention uses them directly, SDPA / eager / flex get a block-diagonal causal mask.
+
+        Shared-prefix rows (phi3v.shared_prefix, docs/DESIGN.md §12: each group's prompt once, then its completions)
+        come with `position_ids` (each completion continues its prompt's), `branch_ids` (0 on prompts, i on
+        completion i), no attention_mask, and `max_sequence_length`, the longest prompt + completion (an int) for
+        the length limit. Their mask keeps completions apart, which only SDPA / eager / flex attention can take.
         """
         packed = kwargs.get("cu_seq_lens_q") is not None
+        shared = branch_ids is not None
         if packed:
             max_length = kwargs.get("max_length_q")
             if attention_mask is not None or position_ids is None or not isinstance(max_length, int):
@@ -169,18 +201,32 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             if not is_flash_attention_requested(self.config):  # the varlen arguments are for flash attention only
                 for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
                     kwargs.pop(key, None)
+        if shared:
+            if is_flash_attention_requested(self.config):
+                raise ValueError(
+                    "shared-prefix rows (branch_ids) need an attention mask that flash attention cannot take: "
+                    "load the model with attn_implementation='sdpa'"
+                )
+            if packed or attention_mask is not None or position_ids is None or not isinstance(max_sequence_length, int):
+                raise ValueError(
+                    "shared-prefix rows (branch_ids) take position_ids, no attention_mask or cu_seq_lens_q, and "
+                    "max_sequence_length as an int"
+                )
+            max_length = max_sequence_length
+        if (logp_positions is None) != (logp_targets is None):
+            raise ValueError("pass logp_positions and logp_targets together")
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes, image_grids, image_positions)
         past_length = cache.get_seq_length() if cache is not None else 0
         total_length = past_length + inputs_embeds.shape[1]
-        if packed:
+        if packed or shared:
             if past_length:
-                raise ValueError("packed rows cannot continue a cache")
-            total_length = max_length  # the limit is per sample
+                raise ValueError("packed or shared-prefix rows cannot continue a cache")
+            total_length = max_length  # the limit is per sequence, not per row
             if not is_flash_attention_requested(self.config):
-                attention_mask = self.model.packed_attention_mask(inputs_embeds, position_ids)
+                attention_mask = self.model.packed_attention_mask(inputs_embeds, position_ids, branch_ids)
         if total_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"the sequence is {total_length} tokens long, more than the model's limit of "
@@ -195,39 +241,53 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        loss = logits = None
+        loss = logits = token_log_probs = None
         if labels is not None:
             loss = self.supervised_loss(hidden, labels, num_items_in_batch, loss_positions)
-        else:
+        if logp_positions is not None:
+            rows = hidden.flatten(0, 1).index_select(0, logp_positions)
+            token_log_probs = self.target_log_probs(rows, logp_targets, logp_temperature)
+        if labels is None and logp_positions is None:
             if isinstance(logits_to_keep, int):
                 hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             else:
                 hidden = hidden[:, logits_to_keep]
             logits = self.lm_head(hidden)
-        return CausalLMOutputWithPast(
+        return Phi3VCausalLMOutput(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            token_log_probs=token_log_probs,
         )
 
+    def target_log_probs(self, hidden_rows, targets, temperature: float = 1.0) -> torch.Tensor:
+        """[N] log p(targets[i]) under softmax(lm_head(hidden_rows[i]) / temperature), in fp32.
+
+        The one place training reads the language model's output: lm_head runs on the N given rows of hidden
+        states only, never on the whole sequence."""
+        logits = self.lm_head(hidden_rows).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
     def supervised_loss(self, hidden, labels, num_items_in_batch=None, positions=None) -> torch.Tensor:
-        """Shifted cross-entropy over labels != -100, computing logits (in fp32) only where a label is.
+        """Shifted cross-entropy over labels != -100: -sum(log p(label)) / count, from the supervised positions only.
 
         `positions` (flat indices into [batch x length] of the positions whose next label is supervised, in order)
         gives the same rows without a boolean mask, whose data-dependent size the host would have to wait for."""
         if positions is not None:
-            logits = self.lm_head(hidden.flatten(0, 1).index_select(0, positions)).float()
+            rows = hidden.flatten(0, 1).index_select(0, positions)
             targets = labels.flatten().index_select(0, positions + 1)
             count = torch.full((), max(positions.numel(), 1), device=labels.device)  # a fill, not a host copy
         else:
             shift_labels = labels[:, 1:]
             keep = shift_labels != -100
-            logits = self.lm_head(hidden[:, :-1][keep]).float()
+            rows = hidden[:, :-1][keep]
             targets = shift_labels[keep]
             count = keep.sum().clamp(min=1)
-        loss = F.cross_entropy(logits, targets, reduction="sum")
+        loss = -self.target_log_probs(rows, targets).sum()
         if num_items_in_batch is None:  # plain mean over supervised tokens
             return loss / count
         # Gradient accumulation: the Trainer counts the tokens of all micro-batches of the step.
