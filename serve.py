@@ -70,13 +70,9 @@ class Slot:
     lock: threading.Lock
 
 
-def one_line(error) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def load_slots(args) -> list[Slot]:
     """The models to serve; a folder that does not load ends the program with one line naming it."""
-    from phi3v.errors import exit_with_error  # `serve.py: error: ...`, exit status 2, as every entry point
+    from phi3v.errors import exit_with_error, one_line  # `serve.py: error: ...`, exit status 2, as every entry point
     from phi3v.inference import describe_model_folder, load_for_inference, pick_device_and_dtype
 
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
@@ -102,7 +98,7 @@ def load_slots(args) -> list[Slot]:
 def decode_upload(name, data, num_frames) -> list:
     """The RGB images of one uploaded file: an image, or up to `num_frames` frames of a video.
     ValueError (naming the file) for anything else: not an image, corrupt, a video that does not decode."""
-    from phi3v.records import open_image
+    from phi3v.media import open_image
     from phi3v.video import read_video_frames
 
     safe = re.sub(r"[^\w.-]", "_", os.path.basename(name))[-100:] or "upload"
@@ -262,12 +258,29 @@ class Chat:
         return settings
 
     async def send(self):
+        """Send's (and Enter's) handler: one question at a time in a tab, and the tab is free again after it on
+        every path, a bug's included (a tab left busy would refuse every later question)."""
+        from phi3v.errors import one_line
+
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            await self.ask()
+        except Exception as error:  # a bug, not a bad input (ask shows those): one line here, the traceback in the log
+            traceback.print_exc()
+            self.stop.set()  # a generation it started does not run on for an answer no one shows
+            self.show_error(f"failed: {one_line(error)} (the server's log has the traceback)")
+        finally:
+            self.busy = False
+            self.status.text = "ready"
+
+    async def ask(self):
+        """The question in the box, to every model: its turn and the streamed answers shown in each column."""
         from nicegui import run
 
         from phi3v.inference import conversation, prepare_inputs
 
-        if self.busy:
-            return
         self.clear_error()
         question = (self.question.value or "").strip()
         if not question:
@@ -275,7 +288,6 @@ class Chat:
         new_images = [image for _, group in self.pending for image in group]
         images = self.images + new_images
         system = (self.system.value or "").strip() or None
-        self.busy = True
         self.status.text = "reading the input"
         try:
             settings = self.settings()
@@ -286,23 +298,10 @@ class Chat:
                 inputs.append(await run.io_bound(prepare_inputs, slot.model, slot.processor, messages, images,
                                                  settings))
         except ValueError as error:  # tags that do not match the images, a prompt over the limit, a bad setting
-            self.busy = False
-            self.status.text = "ready"
             return self.show_error(str(error))
         self.error.text = ""
         self.stop = threading.Event()
-        labels = []
-        for column in self.columns:
-            with column:
-                with self.ui.element("div").classes("self-end bg-blue-1 rounded p-2 max-w-full user-turn"):
-                    if new_images:
-                        with self.ui.row().classes("gap-1"):
-                            for image in new_images[:12]:
-                                thumbnail = image.copy()
-                                thumbnail.thumbnail((96, 96))
-                                self.ui.image(thumbnail).classes("w-16 h-16").props("fit=contain")
-                    self.ui.label(question).classes("phi3v-text")
-                labels.append(self.ui.label("").classes("bg-grey-2 rounded p-2 max-w-full phi3v-text phi3v-answer"))
+        labels = self.show_question(question, new_images)
         self.question.value = ""
         self.status.text = "generating"
         results = await asyncio.gather(*(self.stream(slot, data, label, settings)
@@ -317,11 +316,26 @@ class Chat:
                 answers.append(text)
             self.pending = []
             self.show_attached()
-        self.busy = False
-        self.status.text = "ready"
+
+    def show_question(self, question, new_images):
+        """The question (and thumbnails of its new images) in every column; the empty labels its answers go in."""
+        labels = []
+        for column in self.columns:
+            with column:
+                with self.ui.element("div").classes("self-end bg-blue-1 rounded p-2 max-w-full user-turn"):
+                    if new_images:
+                        with self.ui.row().classes("gap-1"):
+                            for image in new_images[:12]:
+                                thumbnail = image.copy()
+                                thumbnail.thumbnail((96, 96))
+                                self.ui.image(thumbnail).classes("w-16 h-16").props("fit=contain")
+                    self.ui.label(question).classes("phi3v-text")
+                labels.append(self.ui.label("").classes("bg-grey-2 rounded p-2 max-w-full phi3v-text phi3v-answer"))
+        return labels
 
     async def stream(self, slot, inputs, label, settings):
         """Generate in a worker thread, showing the text as it comes; (answer, None) or (None, error message)."""
+        from phi3v.errors import one_line
         from phi3v.inference import generate, text_streamer
 
         loop = asyncio.get_running_loop()

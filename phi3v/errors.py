@@ -21,11 +21,16 @@ class InputError(ValueError):
 
 
 def one_line(error) -> str:
-    """The message of an error; one raised in a DataLoader worker arrives wrapped in the worker's traceback."""
+    """The message of an error (or a message) on one line, each run of whitespace one space. One raised in a
+    DataLoader worker arrives wrapped in the worker's traceback: its last line is the message. An exception
+    without a message (KeyError(), a bare assert) gives its type's name rather than nothing."""
     text = str(error).strip()
     if "Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split("\n"))
+    text = " ".join(text.split())
+    if not text and isinstance(error, BaseException):
+        return type(error).__name__
+    return text
 
 
 def program_name() -> str:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from phi3v.errors import InputError, UserErrorExit, exit_on_input_error, exit_with_error
+from phi3v.errors import InputError, UserErrorExit, exit_on_input_error, exit_with_error, one_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOPE = "/nonexistent/phi3v-test"
@@ -63,3 +63,25 @@ def test_exit_on_input_error_leaves_other_errors_alone(monkeypatch):
     assert error.value.code == 2 and str(error.value) == "tool.py: error: --x: bad"
     with pytest.raises(KeyError):  # a bug keeps its traceback
         exit_on_input_error(main)(KeyError("bug"))
+
+
+# A DataLoader worker's error, as torch re-raises it in the main process: the worker's traceback is its message.
+WORKER_ERROR = ValueError("""Caught ValueError in DataLoader worker process 0.
+Original Traceback (most recent call last):
+  File "/x/torch/utils/data/_utils/worker.py", line 349, in _worker_loop
+    data = fetcher.fetch(index)
+ValueError: a.jsonl:3: image b.png:  not found""")
+
+
+@pytest.mark.parametrize("error, line", [
+    (InputError("a.jsonl:3: bad\nrecord"), "a.jsonl:3: bad record"),
+    (RuntimeError(" spaces,\ttabs  and\r\n\nnewlines \n"), "spaces, tabs and newlines"),
+    (WORKER_ERROR, "a.jsonl:3: image b.png: not found"),
+    (KeyError("pixel_values"), "'pixel_values'"),
+    (KeyError(), "KeyError"),  # no message: at least what it was
+    (AssertionError(" \n "), "AssertionError"),
+    ("a message\non two lines", "a message on two lines"),  # exit_with_error's messages are strings too
+    ("", ""),
+], ids=["lines", "whitespace", "worker", "key", "empty", "blank", "string", "empty string"])
+def test_one_line(error, line):
+    assert one_line(error) == line

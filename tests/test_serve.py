@@ -2,11 +2,13 @@
 
 One server for the module: a LoRA adapter of a tiny checkpoint as --model (its base from adapter_config.json) and
 the tiny checkpoint itself as --compare. The page's streamed answers must equal predict.py's for the same inputs and
-settings; bad inputs show a message and the server keeps serving; two tabs keep their own conversations; a model
-folder that does not load stops serve.py at start-up with one line. A screenshot of the page with its answers is
-left in outputs/test-artifacts/serve.png.
+settings; bad inputs show a message and the server keeps serving; two tabs keep their own conversations; a bug while
+building the page (a second server, whose page-building fails once) leaves the tab free for the next question; a
+model folder that does not load stops serve.py at start-up with one line. A screenshot of the page with its answers
+is left in outputs/test-artifacts/serve.png.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -77,11 +79,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(files):
+@contextlib.contextmanager
+def serving(files, code=None):
+    """serve.py running on a free port, as a person starts it (or `code`, which ends by calling serve.main); its URL."""
     port = _free_port()
-    command = [sys.executable, "serve.py", "--model", files["adapter"], "--compare", files["base"],
-               "--port", str(port), "--num_crops", "1", "--max_new_tokens", "12"]
+    flags = ["--model", files["adapter"], "--compare", files["base"],
+             "--port", str(port), "--num_crops", "1", "--max_new_tokens", "12"]
+    command = [sys.executable, "serve.py", *flags] if code is None else [sys.executable, "-c", code, *flags]
     log = tempfile.TemporaryFile()
     # Without PYTEST_CURRENT_TEST: NiceGUI would take the server for its own test harness's.
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
@@ -106,6 +110,12 @@ def server(files):
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    with serving(files) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +334,26 @@ def test_a_model_folder_that_does_not_load_fails_at_start_up_with_one_line(tmp_p
     assert result.returncode == 2
     expected = f"serve.py: error: --model {folder} does not load: Error while deserializing header: header too large"
     assert result.stderr.strip().splitlines() == [expected]
+
+
+# serve.py, whose page-building (the question and the answers' places in each column) fails the first time.
+FAILS_ONCE = """
+import sys
+import serve
+show_question = serve.Chat.show_question
+def fail_once(self, *args):
+    serve.Chat.show_question = show_question
+    raise RuntimeError("no room for  the\\nanswer")
+serve.Chat.show_question = fail_once
+serve.main(sys.argv[1:])
+"""
+
+
+def test_a_failure_while_building_the_page_leaves_the_tab_free_for_the_next_question(files, browser):
+    with serving(files, FAILS_ONCE) as url:
+        page = Page(browser, url)
+        page.ask("First?", error="failed: no room for the answer (the server's log has the traceback)")
+        page.wait_for(lambda: page.text(".status") == "ready")
+        shown = page.ask("Second?")  # the same tab: answered, not refused as busy
+        assert all(shown) and not page.driver.find_elements(By.CSS_SELECTOR, ".phi3v-failed")
+        assert len(page.answers()) == 1 and page.text(".phi3v-error") == ""
