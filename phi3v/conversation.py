@@ -57,7 +57,20 @@ def split_turns(messages: list[dict]) -> list[tuple[list[dict], str | None]]:
 
 
 def encode_turns(processor: Phi3VProcessor, messages: list[dict], images: list, num_crops, answered: bool) -> dict:
-    """input_ids and labels of the turns of a conversation (-100 everywhere but the answers), with its images.
+    """input_ids and labels of the turns of a conversation (-100 everywhere but the answers), with its images
+    processed (pixel_values, image_sizes); see turn_ids."""
+    features = processor.image_processor(images, num_crops=num_crops) if images else None
+    token_counts = features["num_img_tokens"] if features is not None else []
+    example = turn_ids(processor, messages, token_counts, answered)
+    if features is not None:
+        example["pixel_values"] = features["pixel_values"]
+        example["image_sizes"] = features["image_sizes"]
+    return example
+
+
+def turn_ids(processor: Phi3VProcessor, messages: list[dict], image_token_counts: list[int], answered: bool) -> dict:
+    """input_ids and labels of the turns of a conversation (-100 everywhere but the answers), from its images' token
+    counts alone (so lengths are known before any image is decoded: image_processor.num_image_tokens of its size).
 
     `answered`: the conversation ends with an assistant answer (a training example), else with the user turn to be
     answered, whose prompt comes last, alone. Each answer is preceded by the chat-template prompt of the messages
@@ -69,15 +82,13 @@ def encode_turns(processor: Phi3VProcessor, messages: list[dict], images: list, 
     if not answered and messages[-1]["role"] != "user":
         raise ValueError("the prompt must end with the user turn to answer")
     turns = split_turns(messages)
-    features = processor.image_processor(images, num_crops=num_crops) if images else None
-    token_counts = features["num_img_tokens"] if features is not None else []
     input_ids, labels, next_image = [], [], 1
     for prompt_messages, answer in turns:
         prompt = processor.apply_chat_template(prompt_messages, add_generation_prompt=True)
         num_tags = len(IMAGE_TAG.findall(prompt))
-        counts = token_counts[next_image - 1 : next_image - 1 + num_tags]
+        counts = image_token_counts[next_image - 1 : next_image - 1 + num_tags]
         if len(counts) != num_tags:
-            raise ValueError(f"the conversation has more image tags than its {len(images)} image(s)")
+            raise ValueError(f"the conversation has more image tags than its {len(image_token_counts)} image(s)")
         prompt_ids = processor.encode_prompt(prompt, counts, first_image=next_image)
         if input_ids:
             prompt_ids = prompt_ids[1:]
@@ -85,13 +96,9 @@ def encode_turns(processor: Phi3VProcessor, messages: list[dict], images: list, 
         input_ids += prompt_ids + answer_ids
         labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
         next_image += num_tags
-    if next_image - 1 != len(images):
-        raise ValueError(f"the conversation has {next_image - 1} image tag(s) but {len(images)} image(s)")
-    example = {"input_ids": input_ids, "labels": labels}
-    if features is not None:
-        example["pixel_values"] = features["pixel_values"]
-        example["image_sizes"] = features["image_sizes"]
-    return example
+    if next_image - 1 != len(image_token_counts):
+        raise ValueError(f"the conversation has {next_image - 1} image tag(s) but {len(image_token_counts)} image(s)")
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def tokenize_conversation(

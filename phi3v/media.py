@@ -162,14 +162,38 @@ def load_record_images(record, max_num_frames=10):
         if not frames:
             raise BadSampleError(f"{source}: no frames decoded from video {record['video']}")
         images = [open_image(frame, source) for frame in frames]
-        tags = image_tag_block(range(1, len(images) + 1))
-        placeholders = [m for m in messages if VIDEO_PLACEHOLDER in m["content"]]
-        if len(placeholders) != 1 or placeholders[0]["content"].count(VIDEO_PLACEHOLDER) != 1:
-            raise BadSampleError(f"{source}: a video record needs exactly one <video> placeholder")
-        m = placeholders[0]
-        m["content"] = re.sub(re.escape(VIDEO_PLACEHOLDER) + r"\n?", lambda _: tags, m["content"], count=1)
+        put_frame_tags(messages, len(images), source)
     else:
         images = [open_image(p, source) for p in record["images"]]
     if not checked:
         check_record_tags(messages, len(images), source)
     return images, messages
+
+
+def put_frame_tags(messages, num_frames, source) -> None:
+    """Replace a video record's "<video>" placeholder (and one newline right after it) in `messages` by one tag line
+    per frame, "<|image_1|>\\n...<|image_n|>\\n"."""
+    tags = image_tag_block(range(1, num_frames + 1))
+    placeholders = [m for m in messages if VIDEO_PLACEHOLDER in m["content"]]
+    if len(placeholders) != 1 or placeholders[0]["content"].count(VIDEO_PLACEHOLDER) != 1:
+        raise BadSampleError(f"{source}: a video record needs exactly one <video> placeholder")
+    m = placeholders[0]
+    m["content"] = re.sub(re.escape(VIDEO_PLACEHOLDER) + r"\n?", lambda _: tags, m["content"], count=1)
+
+
+def media_sizes(record, max_num_frames=10) -> tuple[list[tuple[int, int]], list[dict]]:
+    """(the (width, height) of each image its sample will have, its messages with a video's frame tags in place),
+    from file headers and the video's stream, nothing decoded: what a length check before training needs."""
+    from phi3v.video import VideoError, count_frames, frame_size
+
+    source, messages = record["source"], [dict(m) for m in record["messages"]]
+    if record.get("video"):
+        try:
+            frames, size = min(max_num_frames, count_frames(record["video"])), frame_size(record["video"])
+        except VideoError as e:
+            raise BadSampleError(f"{source}: cannot read video: {e}") from None
+        put_frame_tags(messages, frames, source)
+        return [size] * frames, messages
+    sizes = [image.size if isinstance(image, Image.Image) else _read_image_file(os.fspath(image), source, decode=False)
+             for image in record["images"]]
+    return sizes, messages

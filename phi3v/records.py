@@ -227,7 +227,8 @@ def _parse_llava(obj, source, image_folder):
     return {"images": images, "video": video, "messages": messages}
 
 
-def _parse_record(obj, source, default_id, image_folder, data_path):
+def parse_record(obj, source, default_id, image_folder, data_path):
+    """One JSON object of a data file -> a checked record (either format); BadSampleError naming `source`."""
     if not isinstance(obj, dict):
         raise BadSampleError(f"{source}: record must be a JSON object, got {type(obj).__name__}")
     turns = _require(obj, "conversations", list, source)
@@ -309,15 +310,17 @@ def _json_error(path, text, error) -> str:
     return f"{path}:{error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
 
 
-def load_records_with_report(path, image_folder=None, skip_bad_samples=False):
-    """Load and validate every record of `path`; return (records, reasons the skipped ones were bad)."""
+def load_records_with_report(path, image_folder=None, skip_bad_samples=False, parse=parse_record):
+    """Load and validate every record of `path`; return (records, reasons the skipped ones were bad).
+
+    parse: what makes one JSON object a record (parse_record's arguments; phi3v.preference's preference pairs)."""
     path = Path(path)
     records, skipped = [], []
     for index, (source, obj) in enumerate(_read_raw(path)):
         try:
             if isinstance(obj, BadSampleError):
                 raise obj
-            records.append(_parse_record(obj, source, f"{path.stem}-{index}", image_folder, path))
+            records.append(parse(obj, source, f"{path.stem}-{index}", image_folder, path))
         except BadSampleError as e:
             if not skip_bad_samples:
                 raise
@@ -333,6 +336,6 @@ def load_records_with_report(path, image_folder=None, skip_bad_samples=False):
     return records, skipped
 
 
-def load_records(path, image_folder=None, skip_bad_samples=False):
-    """Load and validate every record of `path` (project jsonl or LLaVA JSON/jsonl)."""
-    return load_records_with_report(path, image_folder, skip_bad_samples)[0]
+def load_records(path, image_folder=None, skip_bad_samples=False, parse=parse_record):
+    """Load and validate every record of `path` (project jsonl or LLaVA JSON/jsonl; see load_records_with_report)."""
+    return load_records_with_report(path, image_folder, skip_bad_samples, parse)[0]

@@ -81,6 +81,13 @@ def count_frames(path):
     return count
 
 
+def frame_size(path) -> tuple[int, int]:
+    """(width, height) of the first video stream's frames, from the stream (nothing decoded)."""
+    container, stream = _open(path)
+    with container:
+        return stream.codec_context.width, stream.codec_context.height
+
+
 def _decode_at(path, indices):
     """Decode `path` once, front to back, keeping only frames at `indices` (sorted, may repeat).
 
