@@ -33,7 +33,6 @@ from phi3v.checkpoints import prepare_resume
 from phi3v.community_flags import CommunityArguments
 from phi3v.dataset import SFTDataset
 from phi3v.errors import exit_on_input_error
-from phi3v.evaluation import evaluate
 from phi3v.media import check_media
 from phi3v.metrics import mean_anls, mean_exact_match
 from phi3v.optim import build_optimizer
@@ -42,6 +41,7 @@ from phi3v.splits import take
 from phi3v.training import (
     make_trainer,
     model_for_training,
+    recipe_evaluation,
     run_training,
     save_outputs,
     setup_logging,
@@ -105,28 +105,33 @@ def run(argv=None):
     dataset_options = dict(processor=processor, num_crops=args.num_crops, max_length=args.max_seq_length,
                            max_num_frames=task.max_num_frames, skip_bad_samples=args.skip_bad_samples)
     train_dataset = SFTDataset(train_rows, **dataset_options)
+    # Evaluation before, during (--eval_strategy) and after training, on --eval_data_path; the evaluation flags
+    # (--metric_for_best_model ...) are checked against score's metrics here, before the model loads
+    eval_dataset = SFTDataset(eval_rows, **dataset_options) if eval_rows is not None else None
+    evaluation = recipe_evaluation(eval_dataset, score, args, training_args)
 
     # Model and optimizer: one learning rate per part
     model = build_model(args, task, training_args)
     optimizer = build_optimizer(model, training_args, vision_lr=task.vision_lr, projector_lr=task.projector_lr)
 
-    eval_dataset = SFTDataset(eval_rows, **dataset_options) if eval_rows is not None else None
     eval_before = None
-    if eval_dataset is not None and not args.skip_eval_before and not resume:
-        eval_before = evaluate(model, processor, eval_dataset, score, args, training_args, "eval_before")
+    if evaluation is not None and not args.skip_eval_before and not resume:
+        eval_before = evaluation.run(model, processor, "eval_before")
 
-    # Train
+    # Train (with --eval_strategy: evaluations on --eval_data_path, the best checkpoint, early stopping)
     trainer = make_trainer(model, training_args, train_dataset, processor, optimizers=(optimizer, None),
                            skip_nonfinite=args.skip_nonfinite_steps, packing=args.packing,
-                           exempt_norms_from_decay=True)  # the Trainer's rule = build_optimizer's
+                           exempt_norms_from_decay=True,  # the Trainer's rule = build_optimizer's
+                           evaluation=evaluation, early_stopping_patience=args.early_stopping_patience,
+                           early_stopping_threshold=args.early_stopping_threshold)
     add_learning_rate_logging(trainer)
     if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
         return
     save_outputs(trainer, processor, args)
 
     eval_after = None
-    if eval_dataset is not None:
-        eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
+    if evaluation is not None:  # with --load_best_model_at_end: the best checkpoint's weights
+        eval_after = evaluation.run(trainer.model, processor, "eval_after")
     write_run_summary(trainer, args, task, eval_before, eval_after, classify=False)
 
 

@@ -19,12 +19,12 @@ from phi3v.arguments import parse_args
 from phi3v.checkpoints import prepare_resume
 from phi3v.dataset import SFTDataset
 from phi3v.errors import InputError, exit_on_input_error
-from phi3v.evaluation import evaluate
 from phi3v.metrics import mean_anls
 from phi3v.splits import cauldron_record, is_record, load_split, take
 from phi3v.training import (
     make_trainer,
     model_for_training,
+    recipe_evaluation,
     run_training,
     save_outputs,
     setup_logging,
@@ -105,25 +105,28 @@ def main():
     dataset_options = dict(processor=processor, to_record=to_record, num_crops=args.num_crops,
                            max_length=args.max_seq_length, skip_bad_samples=args.skip_bad_samples)
     train_dataset = SFTDataset(train_rows, **dataset_options)
-    eval_dataset = SFTDataset(eval_rows, **dataset_options)
+    # Evaluation before, during (--eval_strategy) and after training: score's metric of greedy answers. The
+    # evaluation flags (--metric_for_best_model ...) are checked against score's metrics here, before the model loads
+    evaluation = recipe_evaluation(SFTDataset(eval_rows, **dataset_options), score, args, training_args)
 
     # Model
     model = model_for_training(args, training_args)
 
-    eval_before = None if args.skip_eval_before or resume else evaluate(
-        model, processor, eval_dataset, score, args, training_args, "eval_before"
-    )
+    eval_before = None if args.skip_eval_before or resume else evaluation.run(model, processor, "eval_before")
 
-    # Train
-    trainer = make_trainer(model, training_args, train_dataset, processor,
+    # Train (with --eval_strategy: evaluations, the best checkpoint, early stopping)
+    trainer = make_trainer(model, training_args, train_dataset, processor, evaluation=evaluation,
                            skip_nonfinite=args.skip_nonfinite_steps, packing=args.packing,
-                           exempt_norms_from_decay=args.exempt_norms_from_decay)
+                           exempt_norms_from_decay=args.exempt_norms_from_decay,
+                           early_stopping_patience=args.early_stopping_patience,
+                           early_stopping_threshold=args.early_stopping_threshold)
     if not run_training(trainer, resume):  # stopped by SIGTERM after saving a checkpoint
         return
     save_outputs(trainer, processor, args)
 
-    # Evaluate the model as trained (for QLoRA: the quantized model with its adapter); plots and run config
-    eval_after = evaluate(trainer.model, processor, eval_dataset, score, args, training_args, "eval_after")
+    # Evaluate the model as trained (with --load_best_model_at_end: the best checkpoint's weights; for QLoRA: the
+    # quantized model with its adapter); plots and run config
+    eval_after = evaluation.run(trainer.model, processor, "eval_after")
     write_run_summary(trainer, args, task_args, eval_before, eval_after, classify=CLASSIFY)
 
 

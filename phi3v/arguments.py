@@ -60,6 +60,16 @@ class RecipeArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training samples"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
     skip_eval_before: bool = field(default=False, metadata={"help": "do not evaluate the model before training"})
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "stop training after this many evaluations in a row without improvement of "
+                          "--metric_for_best_model (by more than --early_stopping_threshold); needs --eval_strategy"},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={"help": "how much --metric_for_best_model must improve on the best so far to count as an "
+                          "improvement (with --early_stopping_patience)"},
+    )
     skip_nonfinite_steps: bool = field(
         default=False,
         metadata={
@@ -229,6 +239,7 @@ def derive(ns, given: set[str], gpu: bool) -> None:
     if gpu and not ns.bf16 and "fp16" not in given:
         ns.fp16 = True  # the original recipe: fp16 mixed precision unless --bf16
     split_batch(ns, given)
+    derive_evaluation(ns, given)
     translate_renamed_flags(ns, given)
     check_environment(ns)
 
@@ -264,6 +275,55 @@ def split_batch(ns, given: set[str]) -> None:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         for name, value in split_global_batch(ns.batch_size, per_gpu, world_size).items():
             setattr(ns, name, value)
+
+
+def derive_evaluation(ns, given: set[str]) -> None:
+    """Evaluation during training (--eval_strategy steps|epoch): --eval_steps alone means steps, every --save_steps
+    steps unless given; the loss pass runs in batches of --eval_batch_size; --load_best_model_at_end saves at the
+    evaluations unless told otherwise; early stopping keeps its count across a resume. The flag combinations the
+    Trainer cannot run are refused here in one line (the metric's name is checked against the recipe's score
+    later, phi3v.training.recipe_evaluation)."""
+    if "eval_steps" in given and "eval_strategy" not in given:
+        ns.eval_strategy = "steps"
+    strategy = str(getattr(ns.eval_strategy, "value", ns.eval_strategy))
+    if strategy == "steps" and "eval_steps" not in given:
+        ns.eval_steps = ns.save_steps
+    if "per_device_eval_batch_size" not in given:
+        ns.per_device_eval_batch_size = ns.eval_batch_size
+    patience = ns.early_stopping_patience
+    if patience is not None and patience < 1:
+        raise InputError(f"--early_stopping_patience must be 1 or more (evaluations without improvement), got "
+                         f"{patience}")
+    if "early_stopping_threshold" in given and patience is None:
+        raise InputError("--early_stopping_threshold applies to early stopping: add --early_stopping_patience N, or "
+                         "drop it")
+    wanting = [flag for flag, wanted in (("--load_best_model_at_end", ns.load_best_model_at_end),
+                                         ("--early_stopping_patience", patience is not None),
+                                         ("--metric_for_best_model", "metric_for_best_model" in given)) if wanted]
+    if strategy == "no":
+        if wanting:
+            raise InputError(f"{wanting[0]} needs evaluations during training: add --eval_strategy steps "
+                             "--eval_steps N (or --eval_strategy epoch)")
+        return
+    if patience is not None and "restore_callback_states_from_checkpoint" not in given:
+        ns.restore_callback_states_from_checkpoint = True  # a resumed run keeps its count of evaluations so far
+    if not ns.load_best_model_at_end:
+        return
+    # --load_best_model_at_end reloads the checkpoint of the best evaluation: checkpoints at evaluated steps
+    if "save_strategy" not in given:
+        ns.save_strategy = strategy
+    save_strategy = str(getattr(ns.save_strategy, "value", ns.save_strategy))
+    if save_strategy not in (strategy, "best"):
+        raise InputError(f"--load_best_model_at_end reloads a checkpoint of an evaluated step, but --save_strategy "
+                         f"{save_strategy} differs from --eval_strategy {strategy}: give them the same value (or "
+                         "--save_strategy best)")
+    if strategy == "steps" and save_strategy == "steps":
+        if "save_steps" not in given:
+            ns.save_steps = ns.eval_steps
+        elif ns.save_steps % ns.eval_steps:
+            raise InputError(f"--load_best_model_at_end reloads a checkpoint of an evaluated step, but --save_steps "
+                             f"{ns.save_steps:g} is not a multiple of --eval_steps {ns.eval_steps:g}: save at "
+                             "evaluations (drop --save_steps to save at each one)")
 
 
 def translate_renamed_flags(ns, given: set[str]) -> None:

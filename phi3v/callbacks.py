@@ -67,6 +67,14 @@ class SigtermCallback(TrainerCallback):
             self.stopped, self.step = True, state.global_step
         return control
 
+    def on_save(self, args, state, control, **kwargs):
+        # The checkpoint (its trainer_state.json names the best checkpoint so far) is written. The Trainer would now
+        # end the run as a finished one: reload the best checkpoint (--load_best_model_at_end) and, with
+        # --save_total_limit 1, delete every other checkpoint, this one among them. Neither is wanted when the run
+        # is to be resumed: forget the best checkpoint for the rest of this process.
+        if self.stopped:
+            state.best_model_checkpoint = None
+
     def on_train_end(self, args, state, control, **kwargs):
         # After training a SIGTERM should end the process as usual.
         if self._previous_handler is not None:
@@ -170,8 +178,9 @@ class ThroughputCallback(TrainerCallback):
 
     Each training log gets the rates over the wall time since the previous log (`images_per_second`,
     `tokens_per_second`, `steps_per_second`) and `peak_memory_gb`; the end-of-training summary gets whole-run
-    averages (`train_images_per_second`, `train_tokens_per_second`). Counts are summed over all ranks. Logs only
-    reach the callbacks after this one, so install it first (see `install_first`) for TensorBoard to see them.
+    averages (`train_images_per_second`, `train_tokens_per_second`). The time of evaluations during training
+    (their `eval_runtime`) is left out of both: the rates are training's. Counts are summed over all ranks. Logs
+    only reach the callbacks after this one, so install it first (see `install_first`) for TensorBoard to see them.
     """
 
     def __init__(self):
@@ -179,12 +188,13 @@ class ThroughputCallback(TrainerCallback):
         self._start = None  # set at train begin
         self._window = [0, 0]  # images, tokens since the last log (tokens may be a device tensor: no sync per step)
         self._total = [0, 0]
+        self._eval_time = [0.0, 0.0]  # seconds spent evaluating since the last log, and in the whole run
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self._hook is not None:
             self._hook.remove()
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
-        self._window, self._total = [0, 0], [0, 0]
+        self._window, self._total, self._eval_time = [0, 0], [0, 0], [0.0, 0.0]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # the training peak, not the evaluation's before it
         self._start = self._last_time = time.perf_counter()
@@ -209,18 +219,23 @@ class ThroughputCallback(TrainerCallback):
             counts[0] += images
             counts[1] += tokens
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        runtime = float((metrics or {}).get("eval_runtime", 0.0))
+        self._eval_time = [self._eval_time[0] + runtime, self._eval_time[1] + runtime]
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self._start is None:
             return
         now = time.perf_counter()
         if "loss" in logs:  # a training log: rates since the previous one
             images, tokens = _sum_over_ranks(self._window, args.device)
-            elapsed, steps = now - self._last_time, state.global_step - self._last_step
+            elapsed, steps = now - self._last_time - self._eval_time[0], state.global_step - self._last_step
             self._window, self._last_time, self._last_step = [0, 0], now, state.global_step
+            self._eval_time[0] = 0.0
             prefix = ""
         elif "train_runtime" in logs:  # the end-of-training summary: whole-run averages
             images, tokens = _sum_over_ranks(self._total, args.device)
-            elapsed, steps = now - self._start, state.global_step - self._start_step
+            elapsed, steps = now - self._start - self._eval_time[1], state.global_step - self._start_step
             prefix = "train_"
         else:  # evaluation logs
             return

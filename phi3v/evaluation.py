@@ -1,4 +1,11 @@
-"""Generation-based evaluation: batched greedy answers, sharded across ranks, scored, written to JSON."""
+"""Generation-based evaluation: batched greedy answers, sharded across ranks, scored, written to JSON.
+
+    generate_answers  greedy answers to every record of a dataset, sharded across ranks, gathered on every rank
+    Evaluation        a recipe's evaluation (its data set and score): `run` generates, scores and writes
+                      <output_dir>/<name>.json: eval_before, eval_after, and eval_step_<N> during training
+                      (phi3v.training.Phi3VTrainer.evaluation_loop); `metric_names` says what the score gives
+    write_report      the JSON report: the metric, the number of samples, every prediction
+"""
 
 import contextlib
 import json
@@ -13,7 +20,6 @@ from phi3v.processing import STOP_TOKEN_IDS, inputs_on
 from phi3v.records import BadSampleError
 
 logger = logging.getLogger(__name__)
-
 
 
 def full_weights(model):
@@ -118,23 +124,77 @@ def write_report(
     return report
 
 
-def evaluate(model, processor, dataset, score, args, training_args, name: str) -> dict:
-    """Generate answers for `dataset`, score them and write `<output_dir>/<name>.json`; returns the report.
+class Evaluation:
+    """A recipe's evaluation: greedy answers to every record of `dataset` (generate_answers: batched, sharded across
+    ranks, gathered on every rank), scored by `score`, written to `<output_dir>/<name>.json` (write_report).
 
-    score(predictions) -> (metric name, value) or (metric name, value, {other metric: value})."""
-    predictions = generate_answers(model, processor, dataset, args.eval_batch_size, args.max_new_tokens,
-                                   progress=not args.no_tqdm, description=name)
-    skipped = len(dataset) - len(predictions)  # bad samples left out (--skip_bad_samples), each logged by name
-    if len(dataset) and not predictions:
-        raise BadSampleError(f"{name}: every one of the {len(dataset)} evaluation samples is bad")
-    metric_name, metric, *other = score(predictions)
-    other = other[0] if other else {}
-    if skipped:
-        other = {**other, "skipped_bad_samples": skipped}
-    report = write_report(os.path.join(training_args.output_dir, f"{name}.json"), metric_name, metric, predictions,
-                          other)
-    extra = "".join(f", {key} = {value:.4f}" if isinstance(value, float) else f", {key} = {value}"
-                    for key, value in other.items())
-    if not dist.is_initialized() or dist.get_rank() == 0:  # once per run, not once per process
-        logger.info("%s: %s = %.4f%s on %d samples", name, metric_name, metric, extra, len(predictions))
-    return report
+    The one code path of every evaluation: before and after training (the recipe calls `run`) and during training
+    (phi3v.training.Phi3VTrainer calls `run` at each of the Trainer's evaluations, as eval_step_<N>).
+
+    dataset: an SFTDataset or anything with its generation API (see generate_answers).
+    score(predictions) -> (metric name, value) or (metric name, value, {other metric: value}).
+    """
+
+    def __init__(self, dataset, score, output_dir, batch_size: int = 8, max_new_tokens: int = 64,
+                 progress: bool = True):
+        self.dataset = dataset
+        self.score = score
+        self.output_dir = output_dir
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    @classmethod
+    def from_args(cls, dataset, score, args, training_args) -> "Evaluation":
+        """With the recipe's flags: --eval_batch_size, --max_new_tokens, --no_tqdm, and --output_dir."""
+        return cls(dataset, score, training_args.output_dir, args.eval_batch_size, args.max_new_tokens,
+                   progress=not args.no_tqdm)
+
+    def metric_names(self) -> list[str]:
+        """The names `score` gives its metrics (the first is the task's metric), found by scoring one perfect
+        prediction: the first record's gold answer, read from the record (nothing is image-processed nor
+        generated); a stand-in answer when the set has no record API or its first record cannot be read."""
+        item = {"id": "-", "prediction": "yes", "answer": "yes"}  # a stand-in when no record can be read
+        record_of = getattr(self.dataset, "record", None)
+        try:
+            if record_of is not None and len(self.dataset):
+                record = record_of(0)
+                item["prediction"] = item["answer"] = record["messages"][-1]["content"]
+                if record.get("answers") is not None:
+                    item["answers"] = list(record["answers"])
+        except (BadSampleError, KeyError, IndexError, TypeError):
+            pass
+        name, _, *other = self.score([item])
+        return [name, *(other[0] if other else {})]
+
+    def run(self, model, processor, name: str, extra: dict | None = None) -> dict:
+        """Generate, score and write `<output_dir>/<name>.json`; returns the report (`extra`: more keys for it)."""
+        dataset = self.dataset
+        predictions = generate_answers(model, processor, dataset, self.batch_size, self.max_new_tokens,
+                                       progress=self.progress, description=name)
+        skipped = len(dataset) - len(predictions)  # bad samples left out (--skip_bad_samples), each logged by name
+        if len(dataset) and not predictions:
+            raise BadSampleError(f"{name}: every one of the {len(dataset)} evaluation samples is bad")
+        metric_name, metric, *other = self.score(predictions)
+        other = other[0] if other else {}
+        if skipped:
+            other = {**other, "skipped_bad_samples": skipped}
+        report = write_report(os.path.join(self.output_dir, f"{name}.json"), metric_name, metric, predictions,
+                              {**other, **(extra or {})})
+        text = "".join(f", {key} = {value:.4f}" if isinstance(value, float) else f", {key} = {value}"
+                       for key, value in other.items())
+        if not dist.is_initialized() or dist.get_rank() == 0:  # once per run, not once per process
+            logger.info("%s: %s = %.4f%s on %d samples", name, metric_name, metric, text, len(predictions))
+        return report
+
+
+def report_metrics(report: dict) -> dict:
+    """The numbers of an evaluation report: its metrics (and a count of skipped bad samples), not the predictions
+    nor the report's bookkeeping (num_samples, step, loss)."""
+    return {key: value for key, value in report.items()
+            if key not in ("num_samples", "predictions", "step", "loss") and isinstance(value, (int, float))}
+
+
+def evaluate(model, processor, dataset, score, args, training_args, name: str) -> dict:
+    """Evaluation.from_args(...).run(...): answers for `dataset`, scored, written to `<output_dir>/<name>.json`."""
+    return Evaluation.from_args(dataset, score, args, training_args).run(model, processor, name)

@@ -2,7 +2,8 @@
 comes from phi3v.callbacks.ThroughputCallback).
 
     save_run_config         run_config.json: every argument, library versions, the command line
-    write_end_of_run_plots  training_curves.png, eval_comparison.png, confusion_matrix.png
+    write_end_of_run_plots  training_curves.png, eval_curve.png (the task metric at each evaluation during training,
+                            best point marked), eval_comparison.png, confusion_matrix.png
 
 Plots use matplotlib's object API (Figure + Agg canvas), never pyplot, so they need no display and leave no global
 state behind.
@@ -131,6 +132,53 @@ def plot_training_curves(log_history, path) -> dict:
     return series
 
 
+def best_evaluation(steps, values, greater_is_better=True, best_step=None) -> tuple[int, float] | None:
+    """(step, value) of the best evaluation: at `best_step` (the Trainer's state.best_global_step, which follows
+    --metric_for_best_model) when it is among `steps`, else the first highest value (lowest with
+    greater_is_better False); None without evaluations."""
+    if not steps:
+        return None
+    if best_step in steps:
+        index = steps.index(best_step)
+    else:  # the first of the best values, as the Trainer keeps the first (a later equal value is no improvement)
+        sign = 1 if greater_is_better else -1
+        index = max(range(len(values)), key=lambda i: (sign * values[i], -i))
+    return steps[index], values[index]
+
+
+def plot_eval_curve(log_history, metric_name, path, before=None, best_step=None, greater_is_better=True,
+                    best_by=None) -> dict:
+    """eval_curve.png: the task metric at each evaluation during training (`eval_<metric_name>` in the Trainer's
+    log_history) against the optimizer step, the best evaluation marked; `before` (the eval_before report) adds
+    the metric before training at step 0. The Trainer's best step (`best_step`, see best_evaluation) is the one
+    marked when the run kept a best checkpoint, whatever metric chose it (`best_by`, named when not this one).
+
+    Returns {"steps", "values", "best": (step, value)}; raises ValueError when the logs hold no such evaluation."""
+    steps, values = _series(log_history, f"eval_{metric_name}")
+    if not steps:
+        raise ValueError(f"no evaluation of {metric_name} during training in the logs (--eval_strategy)")
+    best = best_evaluation(steps, values, greater_is_better, best_step)
+    figure, (ax,) = _figure(width=6.0)
+    if before is not None and metric_name in before:
+        ax.plot([0], [float(before[metric_name])], marker="s", linestyle="none", color="#9aa5b1",
+                label="before training")
+    ax.plot(steps, values, marker="o" if len(steps) < 40 else None, markersize=4, color="#2b7bba",
+            label=f"eval_{metric_name}")
+    label = "best checkpoint" if best_step in steps else "best"
+    if best_step in steps and best_by and best_by.removeprefix("eval_") != metric_name:
+        label += f" (by {best_by})"
+    ax.plot([best[0]], [best[1]], marker="*", markersize=16, linestyle="none", color="#e8a33d",
+            label=f"{label}: {best[1]:.3f} at step {best[0]}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric_name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{metric_name} during training")
+    figure.savefig(path, dpi=120)
+    return {"steps": steps, "values": values, "best": best}
+
+
 def plot_eval_comparison(before, after, metric_name, path) -> dict:
     """eval_comparison.png: the metric before and after fine-tuning as two bars.
 
@@ -190,18 +238,25 @@ def plot_confusion_matrix(predictions, classes, path) -> list[list[int]]:
 
 
 def write_end_of_run_plots(
-    output_dir, trainer_log_history, eval_before, eval_after, metric_name, classes=None
+    output_dir, trainer_log_history, eval_before, eval_after, metric_name, classes=None, best_step=None,
+    greater_is_better=True, best_by=None,
 ) -> list[str]:
     """Write every plot that the run has data for into output_dir; return the paths written.
 
     eval_before / eval_after: the evaluation reports (either may be None); classes: the class names of a
-    classification task, for the confusion matrix of eval_after's predictions.
+    classification task, for the confusion matrix of eval_after's predictions; best_step, greater_is_better,
+    best_by: which evaluation during training was the best, by which metric (see plot_eval_curve).
     """
     os.makedirs(output_dir, exist_ok=True)
     written = []
     if any("loss" in e for e in trainer_log_history):
         path = os.path.join(output_dir, "training_curves.png")
         plot_training_curves(trainer_log_history, path)
+        written.append(path)
+    if metric_name and any(f"eval_{metric_name}" in e for e in trainer_log_history):
+        path = os.path.join(output_dir, "eval_curve.png")
+        plot_eval_curve(trainer_log_history, metric_name, path, before=eval_before, best_step=best_step,
+                        greater_is_better=greater_is_better, best_by=best_by)
         written.append(path)
     if eval_before is not None or eval_after is not None:
         path = os.path.join(output_dir, "eval_comparison.png")

@@ -4,11 +4,13 @@ import logging
 import os
 
 import torch
-from transformers import Trainer
+from transformers import EarlyStoppingCallback, Trainer
 
 from phi3v.arguments import model_dtype
 from phi3v.callbacks import NonFiniteCallback, SigtermCallback, ThroughputCallback
 from phi3v.collator import Phi3VDataCollator
+from phi3v.errors import InputError
+from phi3v.evaluation import Evaluation, report_metrics
 from phi3v.metrics import normalise_answer
 from phi3v.model_setup import ModelPlan, apply_lora, count_parameters, load_model, prepare_for_kbit_training
 from phi3v.optim import decay_parameter_names, original_decay_parameter_names
@@ -70,13 +72,35 @@ def place_and_report(model, training_args, quantized: bool):
 
 
 class Phi3VTrainer(Trainer):
-    """The Trainer, plus: the ids of each batch's samples reach the non-finite check (for its message), and its
-    optimizer decays the original recipe's set of weights (or, with exempt_norms_from_decay, not the norm weights).
+    """The Trainer, plus: the ids of each batch's samples reach the non-finite check (for its message), its
+    optimizer decays the original recipe's set of weights (or, with exempt_norms_from_decay, not the norm weights),
+    and each of its evaluations adds the recipe's own metric to the loss (`evaluation`, see evaluation_loop).
     """
 
-    def __init__(self, *args, exempt_norms_from_decay: bool = False, **kwargs):
+    def __init__(self, *args, exempt_norms_from_decay: bool = False, evaluation: Evaluation | None = None,
+                 **kwargs):
         self.exempt_norms_from_decay = exempt_norms_from_decay
+        self.evaluation = evaluation
         super().__init__(*args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's loss pass over its eval_dataset, then the recipe's metric by greedy generation on the
+        evaluation's records (phi3v.evaluation.Evaluation.run: sharded across ranks and gathered on every rank, so
+        every rank gets the same numbers and takes the same best-model and early-stopping decisions). The metrics
+        come back as `<prefix>_<name>` (eval_accuracy, eval_anls, ...) beside eval_loss, so the Trainer logs them
+        (log_history, TensorBoard), keeps the best checkpoint and stops early on them; the predictions go to
+        `<prefix>_step_<global step>.json` in the output folder."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.evaluation is None or description != "Evaluation":  # trainer.predict() is the loss pass alone
+            return output
+        step = self.state.global_step
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        report = self.evaluation.run(self.model, self.processing_class, f"{metric_key_prefix}_step_{step}",
+                                     extra={"step": step, **({"loss": loss} if loss is not None else {})})
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in report_metrics(report).items()})
+        return output
 
     def get_decay_parameter_names(self, model) -> list[str]:
         """The original recipe's Trainer rule (transformers 4.45: all but biases and torch.nn.LayerNorm weights, so
@@ -86,34 +110,85 @@ class Phi3VTrainer(Trainer):
             return sorted(decay_parameter_names(model))
         return sorted(original_decay_parameter_names(model))
 
+    def remember_batch_ids(self, sample_ids) -> None:
+        """Hand a micro-batch's sample ids (None: none known) to the non-finite check, for its message."""
+        if sample_ids is None:
+            return
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, NonFiniteCallback):
+                callback.remember_batch_ids(sample_ids)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        sample_ids = inputs.pop("sample_ids", None)
-        if sample_ids is not None:
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, NonFiniteCallback):
-                    callback.remember_batch_ids(sample_ids)
+        self.remember_batch_ids(inputs.pop("sample_ids", None))
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+def recipe_evaluation(dataset, score, args, training_args) -> Evaluation | None:
+    """The recipe's evaluation (phi3v.evaluation.Evaluation) of `dataset` (None: the recipe has no evaluation
+    set), with the evaluation flags checked against what its `score` gives, before the model loads.
+
+    --metric_for_best_model must be eval_loss or one of the score's metrics (with or without the eval_ prefix, as
+    the Trainer takes it); not given, --load_best_model_at_end and --early_stopping_patience use the task's metric
+    (the first the score gives), and --greater_is_better, unless given, follows the metric (lower is better only
+    for a loss). phi3v.arguments.derive_evaluation has already checked what needs no score."""
+    given = set(args.given)
+    evaluating = training_args.eval_strategy != "no"  # an IntervalStrategy, a str
+    if dataset is None:
+        if evaluating:
+            raise InputError(f"--eval_strategy {training_args.eval_strategy.value} evaluates during training, which "
+                             "needs an evaluation set (--eval_data_path)")
+        return None
+    evaluation = Evaluation.from_args(dataset, score, args, training_args)
+    if not evaluating:
+        return evaluation
+    names = evaluation.metric_names()
+    valid = ["eval_loss"] + [f"eval_{name}" for name in names]
+    metric = training_args.metric_for_best_model
+    if "metric_for_best_model" in given:
+        if (metric if metric.startswith("eval_") else f"eval_{metric}") not in valid:
+            raise InputError(f"--metric_for_best_model {metric}: this recipe's evaluation gives {', '.join(valid)} "
+                             "(with or without the eval_ prefix)")
+    elif training_args.load_best_model_at_end or args.early_stopping_patience is not None:
+        training_args.metric_for_best_model = metric = names[0]  # the task's metric, not the Trainer's "loss"
+    if metric is not None and "greater_is_better" not in given:
+        training_args.greater_is_better = not metric.endswith("loss")
+    return evaluation
 
 
 def make_trainer(
     model, training_args, train_dataset, processor, callbacks=None, optimizers=(None, None), skip_nonfinite=False,
-    packing=False, exempt_norms_from_decay=False,
+    packing=False, exempt_norms_from_decay=False, evaluation: Evaluation | None = None,
+    early_stopping_patience: int | None = None, early_stopping_threshold: float = 0.0,
+    trainer_class=Phi3VTrainer, data_collator=None, **trainer_kwargs,
 ) -> Trainer:
     """The Trainer of every recipe: padding collator (padding-free rows with `packing`), SIGTERM -> checkpoint and
     clean stop, NaN/inf gradients stop the run (or skip the step), throughput and memory in the logs. Its own
-    optimizer (when `optimizers` gives none) decays what the original recipe's does, see Phi3VTrainer."""
+    optimizer (when `optimizers` gives none) decays what the original recipe's does, see Phi3VTrainer.
+
+    evaluation (recipe_evaluation's): with --eval_strategy, the Trainer's evaluations run the loss pass over its
+    records (with the training collator) and then the recipe's metric (Phi3VTrainer.evaluation_loop);
+    early_stopping_patience adds transformers' EarlyStoppingCallback on --metric_for_best_model.
+    trainer_class (a Phi3VTrainer subclass, e.g. a preference trainer), data_collator (default: the padding or
+    packing collator) and trainer_kwargs (the subclass's own arguments) let other training objectives reuse all of
+    it."""
     if len(train_dataset) == 0:
         raise ValueError("the training split is empty")
     callbacks = [SigtermCallback(), NonFiniteCallback(skip=skip_nonfinite)] + list(callbacks or [])
-    trainer = Phi3VTrainer(
+    if early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience, early_stopping_threshold))
+    evaluating = evaluation is not None and training_args.eval_strategy != "no"
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        data_collator=Phi3VDataCollator(processor.pad_token_id, packing=packing),
+        eval_dataset=evaluation.dataset if evaluating else None,
+        data_collator=data_collator or Phi3VDataCollator(processor.pad_token_id, packing=packing),
         processing_class=processor,
         callbacks=callbacks,
         optimizers=optimizers,  # (optimizer, scheduler); None: the Trainer's own
         exempt_norms_from_decay=exempt_norms_from_decay,
+        evaluation=evaluation if evaluating else None,
+        **trainer_kwargs,
     )
     # images/s, tokens/s and peak memory in the logs; first, so the reporting callbacks see them.
     ThroughputCallback.install_first(trainer)
@@ -165,14 +240,19 @@ def merge_lora(peft_model, merged_dir, processor, quantized=False, main=True) ->
 
 
 def write_run_summary(trainer, args, task_args, eval_before, eval_after, classify: bool) -> list[str]:
-    """run_config.json, training_curves.png, the before/after chart and, for classification, a confusion matrix."""
+    """run_config.json, training_curves.png, the metric during training (eval_curve.png, best point marked), the
+    before/after chart and, for classification, a confusion matrix."""
     if not trainer.is_world_process_zero():
         return []
     output_dir = trainer.args.output_dir
     save_run_config(output_dir, args, task_args, trainer.args)
     metric_name = next((key for key in eval_after or {} if key not in ("num_samples", "predictions")), None)
     classes = sorted({normalise_answer(p["answer"]) for p in eval_after["predictions"]}) if classify else None
+    best_step = trainer.state.best_global_step if trainer.args.metric_for_best_model else None
+    metric = (trainer.args.metric_for_best_model or "").removeprefix("eval_")
+    greater_is_better = trainer.args.greater_is_better is not False if metric == metric_name else True
     written = write_end_of_run_plots(output_dir, trainer.state.log_history, eval_before, eval_after, metric_name,
-                                     classes=classes)
+                                     classes=classes, best_step=best_step, greater_is_better=greater_is_better,
+                                     best_by=trainer.args.metric_for_best_model)
     logger.info("wrote %s", ", ".join(os.path.basename(path) for path in written))
     return written

@@ -4,7 +4,8 @@ Checks what only a multi-process run exercises: the global batch split into per-
 evaluation sharded across ranks and gathered back in dataset order, one report file written by rank 0, a saved
 model that loads, and ZeRO-2 training exactly as DDP does (same losses, same weights). ZeRO-3 partitions the
 weights from loading on: it must train, evaluate (before training too) and save exactly as DDP, in the official
-layout, and resume from its own checkpoints.
+layout, and resume from its own checkpoints. Every run also evaluates during training (at its last step, 3): the
+metric of all the gathered predictions, logged once; the ZeRO-2 and DDP runs keep and reload the best checkpoint.
 
 DeepSpeed compiles its CPU communication op on first use (about a minute); TORCH_EXTENSIONS_DIR keeps the build
 (default ~/.cache/phi3v-torch-extensions) so later runs take seconds.
@@ -44,7 +45,9 @@ COMMON_FLAGS = [
     # A checkpoint at the last step keeps trainer_state.json (exact logged losses); stdout only has 4 digits.
     "--save_strategy", "steps", "--save_steps", "3", "--logging_steps", "1",
     "--report_to", "none", "--dataloader_num_workers", "0", "--no_tqdm", "--seed", "0",
+    "--eval_steps", "3",  # an evaluation during training, at the last step
 ]
+BEST = ["--load_best_model_at_end", "--metric_for_best_model", "accuracy"]  # (checkpoint-3: the final weights)
 
 
 def subprocess_env():
@@ -116,9 +119,10 @@ def zero2_run(data):
         message = f"DeepSpeed cannot run here ({reason}): the 2-process test runs DDP instead of ZeRO-2"
         warnings.warn(message, stacklevel=2)
         print(f"\n{message}")
-        torchrun(run_dir, *data["flags"], "--deepspeed", "none", *COMMON_FLAGS)
+        torchrun(run_dir, *data["flags"], "--deepspeed", "none", *COMMON_FLAGS, *BEST)
     else:
-        torchrun(run_dir, *data["flags"], "--deepspeed", os.path.join(DS_CONFIGS, "zero2.json"), *COMMON_FLAGS)
+        torchrun(run_dir, *data["flags"], "--deepspeed", os.path.join(DS_CONFIGS, "zero2.json"), *COMMON_FLAGS,
+                 *BEST)
     return {"dir": run_dir, "deepspeed": reason is None}
 
 
@@ -141,7 +145,7 @@ def zero3_runs(data):
 @pytest.fixture(scope="module")
 def ddp_run(data):
     run_dir = str(data["folder"] / "ddp")
-    torchrun(run_dir, *data["flags"], "--deepspeed", "none", "--skip_eval_before", *COMMON_FLAGS)
+    torchrun(run_dir, *data["flags"], "--deepspeed", "none", "--skip_eval_before", *COMMON_FLAGS, *BEST)
     return run_dir
 
 
@@ -171,6 +175,34 @@ def test_reports_gathered_from_both_ranks(zero2_run, name):
         row["texts"][0]["assistant"] for row in memes_rows(DISTINCT)[:NUM_EVAL]]
     # the metric of all the gathered predictions, scored once as a single process would
     assert report["accuracy"] == gold_choice_accuracy(report["predictions"]) == UNTRAINED_ACCURACY, report
+
+
+@pytest.mark.parametrize("which", ["zero2", "ddp", "zero3", "zero3-resumed"])
+def test_metric_during_training_gathered_and_logged_once(request, which, ddp_run):
+    """The evaluation at step 3: rank 0 writes eval_step_3.json once, with every rank's answers in dataset order;
+    the logged eval_accuracy is their score (a single process's) and appears once; the answers are DDP's whatever
+    holds the weights (ZeRO-2's engine, ZeRO-3's partitions gathered for generation, also after a resume)."""
+    from phi3v.metrics import gold_choice_accuracy
+
+    if which.startswith("zero3"):
+        run_dir = request.getfixturevalue("zero3_runs")["resumed" if which.endswith("resumed") else "straight"]
+    else:
+        run_dir = request.getfixturevalue("zero2_run")["dir"] if which == "zero2" else ddp_run
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "eval_step_*"))) == [
+        "eval_step_3.json"]
+    with open(os.path.join(run_dir, "eval_step_3.json")) as f:
+        report = json.load(f)
+    assert report["num_samples"] == NUM_EVAL and report["step"] == 3
+    assert [p["id"] for p in report["predictions"]] == [f"hateful_memes-{i}" for i in range(NUM_EVAL)]
+    assert report["accuracy"] == gold_choice_accuracy(report["predictions"])
+    with open(os.path.join(run_dir, "checkpoint-3", "trainer_state.json")) as f:
+        state = json.load(f)
+    logged = [e for e in state["log_history"] if "eval_accuracy" in e]
+    assert [(e["step"], e["eval_accuracy"], e["eval_loss"]) for e in logged] == [
+        (3, report["accuracy"], report["loss"])]
+    assert predictions(run_dir, "eval_step_3") == predictions(ddp_run, "eval_step_3")
+    if which in ("zero2", "ddp"):  # --load_best_model_at_end: the evaluated checkpoint is the best
+        assert (state["best_global_step"], state["best_metric"]) == (3, report["accuracy"])
 
 
 def test_global_batch_split_over_two_processes(zero2_run):

@@ -18,6 +18,7 @@ COMMON_ARGS = [
     "--max_train_samples", str(TRAIN), "--max_eval_samples", str(EVAL), "--eval_batch_size", str(EVAL),
     "--max_new_tokens", "3", "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0",
     "--no-tqdm", "--deepspeed", "none",
+    "--eval_steps", "3",  # an evaluation during training too, at the last step
 ]
 TIMEOUT_S = 600
 # What the tiny random model scores before and after 3 steps at the default learning rate: it answers nonsense
@@ -111,10 +112,10 @@ def test_recipe_end_to_end(runs, task):
     from phi3v import Phi3VForCausalLM, Phi3VProcessor
 
     process, output_dir, log_path = runs[task]
-    finished_run(process, log_path, task, TIMEOUT_S)
+    log = finished_run(process, log_path, task, TIMEOUT_S)
 
     score = load_recipe(task).score
-    for name in ("eval_before", "eval_after"):
+    for name in ("eval_before", "eval_step_3", "eval_after"):
         with open(os.path.join(output_dir, f"{name}.json")) as f:
             report = json.load(f)
         predictions = report["predictions"]
@@ -125,6 +126,11 @@ def test_recipe_end_to_end(runs, task):
         assert report[METRICS[task]] == score(predictions)[1] == UNTRAINED_SCORE, report
     if task == "docvqa":  # every gold answer travels with the prediction, for ANLS
         assert all(len(p["answers"]) == 2 for p in report["predictions"])
+    # the evaluation during training (step 3, the last) scored the model that eval_after scored, and the Trainer
+    # logged its metric beside the loss
+    with open(os.path.join(output_dir, "eval_step_3.json")) as f:
+        assert json.load(f)["predictions"] == report["predictions"]
+    assert f"'eval_{METRICS[task]}': '{UNTRAINED_SCORE:g}'" in log and "'eval_loss':" in log
 
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "tokenizer.json"):
         assert os.path.isfile(os.path.join(output_dir, name)), f"{name} missing from {os.listdir(output_dir)}"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from phi3v.callbacks import ThroughputCallback
 from phi3v.reporting import (
+    best_evaluation,
     confusion_matrix,
     plot_confusion_matrix,
     plot_eval_comparison,
+    plot_eval_curve,
     plot_training_curves,
     save_run_config,
     write_end_of_run_plots,
@@ -85,6 +88,26 @@ def test_throughput_callback_logs_rates_and_memory(tmp_path):
     assert all("tokens_per_second" in logs for logs in recorder.seen if "loss" in logs)
 
 
+def test_throughput_leaves_evaluations_out():
+    """The rates are training's: the time of an evaluation between two logs (its eval_runtime) is not counted."""
+    import time
+
+    from transformers import TrainerControl, TrainerState
+
+    callback, state, control = ThroughputCallback(), TrainerState(global_step=0), TrainerControl()
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    callback.on_train_begin(args, state, control, model=nn.Linear(1, 1))
+    time.sleep(0.4)  # an evaluation of 0.4 s: the window holds almost nothing else
+    callback.on_evaluate(args, state, control, metrics={"eval_loss": 1.0, "eval_runtime": 0.4})
+    state.global_step = 1
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, control, logs=logs)
+    assert logs["steps_per_second"] > 10  # 2.5 with the evaluation counted
+    logs = {"train_runtime": 0.5}
+    callback.on_log(args, state, control, logs=logs)
+    assert callback._eval_time == [0.0, 0.4]
+
+
 # ------------------------------------------------------------------------------------------------ run_config.json
 @dataclasses.dataclass
 class TaskArguments:
@@ -132,6 +155,31 @@ def test_training_curves_plot_the_logged_values(tmp_path):
     assert series["learning_rate"] == ([10, 20, 30], [1e-5, 2e-5, 1e-5])
     with pytest.raises(ValueError, match="no training-step logs"):
         plot_training_curves(LOG_HISTORY[-1:], tmp_path / "none.png")
+
+
+EVAL_LOGS = [  # accuracy at each evaluation during training, beside the training logs
+    {"loss": 2.0, "learning_rate": 1e-5, "step": 10},
+    {"eval_loss": 1.9, "eval_accuracy": 0.25, "step": 10},
+    {"eval_loss": 1.5, "eval_accuracy": 0.75, "step": 20},
+    {"eval_loss": 1.2, "eval_accuracy": 0.5, "step": 30},
+    {"eval_loss": 1.1, "eval_accuracy": 0.75, "step": 40},
+]
+
+
+def test_eval_curve_marks_the_best_evaluation(tmp_path):
+    curve = plot_eval_curve(EVAL_LOGS, "accuracy", tmp_path / "eval_curve.png", before={"accuracy": 0.0})
+    assert_png(tmp_path / "eval_curve.png")
+    assert (curve["steps"], curve["values"]) == ([10, 20, 30, 40], [0.25, 0.75, 0.5, 0.75])
+    assert curve["best"] == (20, 0.75)  # the first of the best, as the Trainer keeps it
+    # the Trainer's best step wins (it may follow another metric, here eval_loss: step 40)
+    assert plot_eval_curve(EVAL_LOGS, "accuracy", tmp_path / "b.png", best_step=40)["best"] == (40, 0.75)
+    assert best_evaluation([10, 20, 30], [3.0, 1.0, 1.0], greater_is_better=False) == (20, 1.0)
+    assert best_evaluation([], []) is None
+    with pytest.raises(ValueError, match="no evaluation of anls during training"):
+        plot_eval_curve(EVAL_LOGS, "anls", tmp_path / "none.png")
+    written = write_end_of_run_plots(tmp_path / "run", EVAL_LOGS, None, {"accuracy": 0.75}, "accuracy")
+    assert [os.path.basename(path) for path in written] == [
+        "training_curves.png", "eval_curve.png", "eval_comparison.png"]
 
 
 def test_eval_comparison(tmp_path):
