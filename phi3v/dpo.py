@@ -122,6 +122,19 @@ class DPOTrainer(Phi3VTrainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def preference_report(self, dataset) -> dict:
+        """Preference accuracy, mean margin and log-prob accuracy (dpo.preference_metrics) of the policy on every
+        pair of `dataset` (an evaluation's extra numbers; the reference as in training)."""
+        batch_size = self.args.per_device_eval_batch_size
+        policy = dataset_log_probs(self.model, dataset, self.data_collator, batch_size)
+        if "eval" in self.reference:
+            reference = self.reference["eval"]
+        elif self.ref_model is not None:
+            reference = dataset_log_probs(self.ref_model, dataset, self.data_collator, batch_size)
+        else:
+            reference = dataset_log_probs(self.model, dataset, self.data_collator, batch_size, adapters=False)
+        return preference_metrics(policy, reference, self.dpo.beta)
+
     # ---------------------------------------------------------------- logs
     def add_metrics(self, mode: str, values: dict) -> None:
         """Keep sums and counts of the per-pair values; log() averages them over all processes."""
@@ -145,6 +158,62 @@ class DPOTrainer(Phi3VTrainer):
             logs.update({f"{prefix}{k}": round(float(t / max(c, 1.0)), 6) for k, t, c in zip(keys, totals, counts)})
             sums.clear()
         super().log(logs, start_time)
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+@dataclass
+class Reference:
+    """What a run uses as its reference model: a frozen copy (`ref_model`), precomputed log-probabilities
+    (`log_probs`: {"train": [pairs, 2], "eval": [pairs, 2]}), or neither (LoRA: the base, adapters disabled)."""
+
+    ref_model: object = None
+    log_probs: dict | None = None
+
+    def trainer_kwargs(self) -> dict:
+        return {"ref_model": self.ref_model, "reference": self.log_probs}
+
+    def attach(self, trainer) -> None:
+        """Checkpoints carry precomputed log-probabilities; under ZeRO-3 the frozen copy is partitioned like the
+        policy (TRL's prepare_deepspeed: an inference engine, no optimizer)."""
+        if self.log_probs:
+            trainer.add_callback(ReferenceFileCallback(self.log_probs))
+        if self.ref_model is not None and trainer.is_deepspeed_enabled:
+            from transformers.integrations import is_deepspeed_zero3_enabled
+            from trl.models.utils import prepare_deepspeed
+
+            if is_deepspeed_zero3_enabled():
+                trainer.ref_model = prepare_deepspeed(self.ref_model, trainer.accelerator)
+
+
+def reference_for_training(model, args, task, training_args, collator, train_dataset, eval_dataset, resume):
+    """The run's Reference. --precompute_ref_log_probs: read from the checkpoint resumed from, else computed now
+    (the policy before training, adapters disabled) and saved in the output folder; LoRA: none needed; full and
+    frozen-vision runs: a frozen copy of the starting model, loaded as the policy was."""
+    from phi3v.arguments import model_dtype
+    from phi3v.model_setup import load_model
+
+    if task.precompute_ref_log_probs:
+        log_probs = load_reference(resume) if resume else None
+        if log_probs is None:
+            batch_size = training_args.per_device_eval_batch_size
+            log_probs = {"train": dataset_log_probs(model, train_dataset, collator, batch_size, adapters=False)}
+            if eval_dataset is not None:
+                log_probs["eval"] = dataset_log_probs(model, eval_dataset, collator, batch_size, adapters=False)
+            if training_args.should_save:
+                save_reference(log_probs, training_args.output_dir)
+            logger.info("reference log-probabilities computed for %s", ", ".join(
+                f"{len(values)} {name} pairs" for name, values in log_probs.items()))
+        else:
+            logger.info("reference log-probabilities read from %s", resume)
+        return Reference(log_probs=log_probs)
+    if hasattr(model, "disable_adapter"):
+        return Reference()
+    ref_model = load_model(args.model_name_or_path, dtype=model_dtype(training_args), cache_dir=task.cache_dir)
+    ref_model.requires_grad_(False)
+    ref_model.eval()
+    if not training_args.deepspeed:
+        ref_model.to(training_args.device)
+    return Reference(ref_model=ref_model)
 
 
 # ------------------------------------------------------------------------------------------------ precomputing

@@ -7,7 +7,7 @@ import os
 from phi3v.errors import InputError
 from phi3v.media import check_media
 from phi3v.processing import image_tag_block
-from phi3v.records import load_records
+from phi3v.records import load_records, parse_record
 
 
 def load_split(
@@ -121,3 +121,10 @@ def rows_name(rows) -> str:
     if isinstance(rows, list) and rows and isinstance(rows[0], dict) and isinstance(rows[0].get("source"), str):
         return rows[0]["source"].rsplit(":", 1)[0].split("[")[0]  # "data/train.jsonl:3" -> "data/train.jsonl"
     return "the dataset"
+
+
+def records_split(path, image_folder=None, skip_bad_samples=False, max_samples=None, parse=parse_record):
+    """The first max_samples records of a data file (--data_path, --eval_data_path), each record and its media
+    files checked (phi3v.records, phi3v.media.check_media) before the model loads."""
+    records = take(load_records(path, image_folder, skip_bad_samples, parse=parse), 0, max_samples)
+    return check_media(records, skip_bad_samples)

@@ -153,3 +153,26 @@ def shapes_dataset(folder: str, train: int = 96, test: int = 16, seed: int = 0) 
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(train)),
                           "test": datasets.Dataset.from_list(rows(test))}).save_to_disk(folder)
     return folder
+
+
+def preference_pairs(folder: str, train: int = 64, test: int = 32, seed: int = 0) -> dict:
+    """DPO data in the community format (phi3v.preference): memes (red disc: "yes", blue square: "no") with the
+    right answer chosen and the wrong one rejected, images in <folder>/images. Returns the paths
+    {"train", "test", "images"}."""
+    rng = random.Random(seed)
+    images = os.path.join(folder, "images")
+    os.makedirs(images, exist_ok=True)
+    paths = {"images": images}
+    for split, n in (("train", train), ("test", test)):
+        pairs = []
+        for i in range(n):
+            hateful = rng.random() < 0.5
+            name = f"{split}-{i}.png"
+            meme_image(hateful, rng).save(os.path.join(images, name))
+            answer, wrong = ("yes", "no") if hateful else ("no", "yes")
+            pairs.append({"id": f"{split}-{i}", "image": name, "prompt": "<image>\nIs this meme hateful? Answer yes "
+                          "or no.", "chosen": answer, "rejected": wrong})
+        paths[split] = os.path.join(folder, f"pairs_{split}.json")
+        with open(paths[split], "w") as f:
+            json.dump(pairs, f, indent=1)
+    return paths
