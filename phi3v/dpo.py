@@ -189,9 +189,6 @@ def reference_for_training(model, args, task, training_args, collator, train_dat
     """The run's Reference. --precompute_ref_log_probs: read from the checkpoint resumed from, else computed now
     (the policy before training, adapters disabled) and saved in the output folder; LoRA: none needed; full and
     frozen-vision runs: a frozen copy of the starting model, loaded as the policy was."""
-    from phi3v.arguments import model_dtype
-    from phi3v.model_setup import load_model
-
     if task.precompute_ref_log_probs:
         log_probs = load_reference(resume) if resume else None
         if log_probs is None:
@@ -206,6 +203,15 @@ def reference_for_training(model, args, task, training_args, collator, train_dat
         else:
             logger.info("reference log-probabilities read from %s", resume)
         return Reference(log_probs=log_probs)
+    return frozen_reference(model, args, task, training_args)
+
+
+def frozen_reference(model, args, task, training_args) -> Reference:
+    """LoRA: no second model (the base with the adapters disabled is the reference); otherwise a frozen copy of the
+    starting model, loaded as the policy was (DPO, GRPO with --beta > 0)."""
+    from phi3v.arguments import model_dtype
+    from phi3v.model_setup import load_model
+
     if hasattr(model, "disable_adapter"):
         return Reference()
     ref_model = load_model(args.model_name_or_path, dtype=model_dtype(training_args), cache_dir=task.cache_dir)
