@@ -88,7 +88,6 @@ class DPOTrainer(Phi3VTrainer):
         self.dpo = dpo
         self.ref_model = ref_model
         self.reference = reference or {}
-        self._metric_sums = {"train": {}, "eval": {}}
         super().__init__(*args, **kwargs)
 
     # ---------------------------------------------------------------- the loss
@@ -134,31 +133,6 @@ class DPOTrainer(Phi3VTrainer):
         else:
             reference = dataset_log_probs(self.model, dataset, self.data_collator, batch_size, adapters=False)
         return preference_metrics(policy, reference, self.dpo.beta)
-
-    # ---------------------------------------------------------------- logs
-    def add_metrics(self, mode: str, values: dict) -> None:
-        """Keep sums and counts of the per-pair values; log() averages them over all processes."""
-        sums = self._metric_sums[mode]
-        for key, value in values.items():
-            total, count = sums.get(key, (0.0, 0))
-            sums[key] = (total + value.float().sum(), count + value.numel())
-
-    def log(self, logs: dict, start_time=None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        sums = self._metric_sums[mode]
-        if sums:
-            keys = sorted(sums)
-            device = self.args.device
-            totals = torch.stack([torch.as_tensor(sums[k][0], device=device, dtype=torch.float64) for k in keys])
-            counts = torch.tensor([float(sums[k][1]) for k in keys], device=device, dtype=torch.float64)
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(totals)
-                dist.all_reduce(counts)
-            prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{k}": round(float(t / max(c, 1.0)), 6) for k, t, c in zip(keys, totals, counts)})
-            sums.clear()
-        super().log(logs, start_time)
-
 
 # ------------------------------------------------------------------------------------------------ the reference
 @dataclass

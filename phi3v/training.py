@@ -4,6 +4,7 @@ import logging
 import os
 
 import torch
+import torch.distributed as dist
 from transformers import EarlyStoppingCallback, Trainer
 
 from phi3v.arguments import model_dtype
@@ -81,6 +82,7 @@ class Phi3VTrainer(Trainer):
                  **kwargs):
         self.exempt_norms_from_decay = exempt_norms_from_decay
         self.evaluation = evaluation
+        self._metric_sums = {}  # add_metrics
         super().__init__(*args, **kwargs)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -109,6 +111,32 @@ class Phi3VTrainer(Trainer):
         if self.exempt_norms_from_decay:
             return sorted(decay_parameter_names(model))
         return sorted(original_decay_parameter_names(model))
+
+    def add_metrics(self, mode: str, values: dict) -> None:
+        """Per-sample values of a training objective's own logs (DPO's rewards, GRPO's rewards and KL...): kept as
+        sums and counts on the device (no sync per step); the next log() of `mode` ("train" / "eval") adds their
+        averages over every sample since the previous log and over all processes."""
+        sums = self._metric_sums.setdefault(mode, {})
+        for key, value in values.items():
+            total, count = sums.get(key, (0.0, 0))
+            value = torch.as_tensor(value)
+            sums[key] = (total + value.float().sum(), count + value.numel())
+
+    def log(self, logs: dict, start_time=None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        sums = self._metric_sums.get(mode)
+        if sums:  # log() runs on every process, so the reduction below is matched
+            keys = sorted(sums)
+            device = self.args.device
+            totals = torch.stack([torch.as_tensor(sums[k][0], device=device, dtype=torch.float64) for k in keys])
+            counts = torch.tensor([float(sums[k][1]) for k in keys], device=device, dtype=torch.float64)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(totals)
+                dist.all_reduce(counts)
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{k}": round(float(t / max(c, 1.0)), 6) for k, t, c in zip(keys, totals, counts)})
+            sums.clear()
+        super().log(logs, start_time)
 
     def remember_batch_ids(self, sample_ids) -> None:
         """Hand a micro-batch's sample ids (None: none known) to the non-finite check, for its message."""
