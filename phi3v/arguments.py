@@ -120,7 +120,7 @@ def default_dataloader_workers() -> int:
     return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def parse_args(task_class=None, argv=None, recipe_class=None, program=None, **script_defaults):
+def parse_args(task_class=None, argv=None, recipe_class=None, program=None, more_flags=None, **script_defaults):
     """(recipe_args, task_args or None, training_args) from the command line.
 
     recipe_class: the recipe's flag family, phi3v.task_flags.TaskRecipeArguments (the four task recipes, the default)
@@ -128,6 +128,9 @@ def parse_args(task_class=None, argv=None, recipe_class=None, program=None, **sc
     phi3v.community_flags.CommunityArguments, in their task_class). task_class: the recipe's own flags.
     script_defaults override RecipeArguments / TrainingArguments defaults for one recipe (e.g. num_crops=4).
     program: the recipe's file name in messages (default: this process's script).
+    more_flags(task_args) -> a dataclass or None: flags that depend on the recipe's own (GRPO's --task names a task
+    recipe, whose data flags join): the flags the first parse did not know are read by it, into
+    `task_args.more_flags`; what it does not know either is refused as any unknown flag.
 
     The command line is parsed once (flags must be spelled in full: no abbreviations; `--flag value` and
     `--flag=value` alike), which also tells which flags were given (`recipe_args.given`); the derived values (global
@@ -153,8 +156,11 @@ def parse_args(task_class=None, argv=None, recipe_class=None, program=None, **sc
     )
     parser.set_defaults(**script_defaults)
     hints = {flag: hint for cls in classes for flag, hint in getattr(cls, "flag_hints", {}).items()}
-    namespace, given = parse_once(parser, argv, flag_names(classes), {**FLAG_HINTS, **hints},
-                                  program or program_name())
+    hints, program = {**FLAG_HINTS, **hints}, program or program_name()
+    names = flag_names(classes)
+    namespace, given, unknown = parse_once(parser, argv, names)
+    if unknown and more_flags is None:
+        raise InputError(unknown_flag_message(names, unknown, hints, program))
     derive(namespace, given, gpu)
 
     parsed = []
@@ -171,6 +177,16 @@ def parse_args(task_class=None, argv=None, recipe_class=None, program=None, **sc
         if hasattr(args, "resolve"):
             args.resolve(recipe_args)
     task_args = parsed[1] if task_class else None
+    if more_flags is not None:
+        extra_class = more_flags(task_args)
+        task_args.more_flags = None
+        if extra_class is not None:
+            extra_names = flag_names([extra_class])
+            extra, _, unknown = parse_once(HfArgumentParser(extra_class, allow_abbrev=False), unknown, extra_names)
+            names |= extra_names
+            task_args.more_flags = extra_class(**vars(extra))
+        if unknown:
+            raise InputError(unknown_flag_message(names, unknown, hints, program))
     return recipe_args, task_args, training_args
 
 
@@ -179,20 +195,19 @@ def flag_names(classes) -> set[str]:
     return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
 
 
-def parse_once(parser, argv, names: set[str], hints: dict, program: str) -> tuple[argparse.Namespace, set[str]]:
-    """(namespace with every option, names of the options the command line gave), from one parse of argv.
+def parse_once(parser, argv, names: set[str]) -> tuple[argparse.Namespace, set[str], list[str]]:
+    """(namespace with every option, names of the options the command line gave, the tokens it does not know), from
+    one parse of argv.
 
     argparse sets a default only on a namespace attribute that is not there yet; the parse starts from a namespace
     holding a marker for every option, so what still holds it afterwards was not given (`--x=1`, `--x 1` and `--no_x`
     all count, whatever the value), and only then gets its default."""
     unset = object()
     namespace, unknown = parser.parse_known_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
-    if unknown:
-        raise InputError(unknown_flag_message(names, unknown, hints, program))
     given = {name for name in names if getattr(namespace, name) is not unset}
     for name in names - given:
         setattr(namespace, name, parser.get_default(name))
-    return namespace, given
+    return namespace, given, unknown
 
 
 # Flags of other recipes (or older libraries) that mean something else here: the message to give instead. A flag
@@ -263,9 +278,21 @@ def resolve_deepspeed(ns, given: set[str]) -> None:
 
 
 def split_batch(ns, given: set[str]) -> None:
-    """--batch_size (global) -> per-GPU batch x accumulation, unless --gradient_accumulation_steps sets it."""
+    """--batch_size (global) -> per-GPU batch x accumulation, unless --gradient_accumulation_steps sets it.
+
+    GRPO (a recipe with --num_generations G): the batch flags count answers, as in TRL, and a micro-batch holds
+    whole groups (a group's G answers share their prompt's row), so the DataLoader's items are prompts: the
+    per-GPU batch must be a multiple of G and becomes batch / G prompts."""
     _one_of(ns, given, "batch_size_per_gpu", "per_device_train_batch_size")
     per_gpu = ns.per_device_train_batch_size if "per_device_train_batch_size" in given else ns.batch_size_per_gpu
+    groups = getattr(ns, "num_generations", None)
+    if groups is not None:
+        if groups < 1 or per_gpu % groups or ns.batch_size % groups:
+            raise InputError(f"--batch_size_per_gpu {per_gpu} and --batch_size {ns.batch_size} count answers and "
+                             f"must be multiples of --num_generations {groups} (a group's answers share their "
+                             "prompt's row, on one GPU)")
+        per_gpu //= groups
+    global_batch = ns.batch_size // (groups or 1)
     if "gradient_accumulation_steps" in given:
         if "batch_size" in given:
             raise InputError("--batch_size (the global batch) and --gradient_accumulation_steps both set the "
@@ -273,7 +300,7 @@ def split_batch(ns, given: set[str]) -> None:
         ns.per_device_train_batch_size = per_gpu
     else:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
-        for name, value in split_global_batch(ns.batch_size, per_gpu, world_size).items():
+        for name, value in split_global_batch(global_batch, per_gpu, world_size).items():
             setattr(ns, name, value)
 
 
