@@ -17,6 +17,7 @@ turns them into the examples `phi3v.shared_prefix.shared_prefix_batch` takes.
 """
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -44,8 +45,13 @@ def sample_groups(
     do_sample: bool = True,
     pad_token_id: int = 32000,
     stop_token_ids=STOP_TOKEN_IDS,
+    share_prompt: bool = True,
 ) -> SampledGroups:
     """num_generations answers to each prompt, the prompt (images included) run once and its KV cache shared.
+
+    share_prompt=False is the usual layout, for reference (sample_groups_repeated): each prompt repeated
+    num_generations times (its images with it, in row order) and one `generate` call, so CLIP and the prefill run G
+    times per prompt; with the same torch seed, the same completions.
 
     prompts: [{"prompt_ids" (image slots negative), optional "pixel_values", "image_sizes"}] as
     `conversation.tokenize_prompt` returns them. Sampling uses transformers' logits processors with temperature,
@@ -58,11 +64,19 @@ def sample_groups(
     images are passed for all B * G rows (each prompt's G times, in row order), only when the step can happen.
     """
     batch = _PromptBatch(prompts, pad_token_id, num_generations, max_completion_length)
-    if batch.width < 2:  # a one-token prompt has nothing to share
-        return sample_groups_repeated(model, prompts, num_generations, max_completion_length, temperature, top_p,
-                                      top_k, do_sample, pad_token_id, stop_token_ids)
     options = _generation_options(max_completion_length, temperature, top_p, top_k, do_sample, pad_token_id,
                                   stop_token_ids)
+    if not share_prompt or batch.width < 2:  # a one-token prompt has nothing to share
+        with _sampling(model) as (device, dtype):
+            rows = batch.rows()
+            images = batch.images(rows)
+            inputs = {
+                "input_ids": batch.input_ids[rows],
+                "attention_mask": batch.attention_mask[rows],
+                **{k: images[k] for k in ("pixel_values", "image_sizes") if k in images},
+            }
+            generated = model.generate(**_on(inputs, device, dtype), **options)
+        return _completions(generated, batch, stop_token_ids)
     with _sampling(model) as (device, dtype):
         prefix = batch.width - 1
         prefill_inputs = {
@@ -94,34 +108,10 @@ def sample_groups(
     return _completions(generated, batch, stop_token_ids)
 
 
-def sample_groups_repeated(
-    model,
-    prompts: list[dict],
-    num_generations: int,
-    max_completion_length: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    do_sample: bool = True,
-    pad_token_id: int = 32000,
-    stop_token_ids=STOP_TOKEN_IDS,
-) -> SampledGroups:
-    """The usual layout, for reference: each prompt repeated num_generations times (its images with it, in row
-    order) and one `generate` call, so CLIP and the prefill run G times per prompt. Same arguments and result as
-    `sample_groups`; with the same torch seed the same completions."""
-    batch = _PromptBatch(prompts, pad_token_id, num_generations, max_completion_length)
-    options = _generation_options(max_completion_length, temperature, top_p, top_k, do_sample, pad_token_id,
-                                  stop_token_ids)
-    with _sampling(model) as (device, dtype):
-        rows = batch.rows()
-        images = batch.images(rows)
-        inputs = {
-            "input_ids": batch.input_ids[rows],
-            "attention_mask": batch.attention_mask[rows],
-            **{k: images[k] for k in ("pixel_values", "image_sizes") if k in images},
-        }
-        generated = model.generate(**_on(inputs, device, dtype), **options)
-    return _completions(generated, batch, stop_token_ids)
+
+
+# The usual layout (prompts repeated G times), for equality tests and benchmarks.
+sample_groups_repeated = functools.partial(sample_groups, share_prompt=False)
 
 
 def group_examples(prompts: list[dict], sampled: SampledGroups) -> list[dict]:
