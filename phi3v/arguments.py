@@ -165,8 +165,8 @@ def parse_args(task_class=None, argv=None, recipe_class=None, program=None, more
 
     parsed = []
     for dtype in classes:
-        names = {f.name for f in dataclasses.fields(dtype) if f.init}
-        values = {name: value for name, value in vars(namespace).items() if name in names}
+        fields = {f.name for f in dataclasses.fields(dtype) if f.init}
+        values = {name: value for name, value in vars(namespace).items() if name in fields}
         try:
             parsed.append(dtype(**values))
         except ValueError as error:  # TrainingArguments' own checks of flag combinations

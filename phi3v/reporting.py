@@ -2,8 +2,9 @@
 comes from phi3v.callbacks.ThroughputCallback).
 
     save_run_config         run_config.json: every argument, library versions, the command line
-    write_end_of_run_plots  training_curves.png, eval_curve.png (the task metric at each evaluation during training,
-                            best point marked), eval_comparison.png, confusion_matrix.png
+    write_end_of_run_plots  training_curves.png (with DPO's or GRPO's rewards when logged), eval_curve.png (the task
+                            metric at each evaluation during training, best point marked), eval_comparison.png,
+                            confusion_matrix.png
 
 Plots use matplotlib's object API (Figure + Agg canvas), never pyplot, so they need no display and leave no global
 state behind.
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 
@@ -74,11 +76,12 @@ def _versions() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _figure(ncols=1, width=6.0, height=4.0):
+def _figure(ncols=1, width=6.0, height=4.0, nrows=1):
+    """A figure of nrows x ncols panels, each width x height inches; the axes in reading order."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width * ncols, height), layout="constrained")
-    return figure, figure.subplots(1, ncols, squeeze=False)[0]
+    figure = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    return figure, list(figure.subplots(nrows, ncols, squeeze=False).flat)
 
 
 def _series(log_history, key) -> tuple[list, list]:
@@ -86,38 +89,68 @@ def _series(log_history, key) -> tuple[list, list]:
     return [e["step"] for e in entries], [float(e[key]) for e in entries]
 
 
-def plot_training_curves(log_history, path) -> dict:
-    """training_curves.png: loss, learning rate and grad norm against the optimizer step.
+# Panels of training_curves.png after loss, learning rate and grad norm, each drawn when the logs have its keys
+# (TRL's names; an evaluation's eval_ ones dashed beside them): DPO's implicit rewards, GRPO's rewards (the total and
+# one rewards/<function>/mean per reward function), their spread within groups, KL, clipping and answer length.
+REWARD_PANELS = {
+    "rewards": ["rewards/chosen", "rewards/rejected", "rewards/margins"],
+    "reward accuracy": ["rewards/accuracies"],
+    "reward": ["reward"],  # + rewards/<function>/mean
+    "reward spread in groups": ["reward_std", "frac_reward_zero_std"],
+    "KL to the reference": ["kl"],
+    "clip ratio": ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"],
+    "completion length": ["completions/mean_length"],
+}
+PANELS_PER_ROW = 3
 
-    log_history: Trainer's `state.log_history`. The learning rate is one curve per optimizer parameter group when
-    the logs carry `learning_rate_<group>` keys, else the single `learning_rate`. Evaluation loss, when logged, is
-    drawn on the loss panel. Returns what was plotted, {name: (steps, values)}; raises ValueError when the logs
-    hold no training step.
-    """
+
+def training_panels(log_history) -> dict:
+    """{panel title: [keys]} of what the logs have: loss (and eval_loss), the learning rate (one key per optimizer
+    parameter group when `learning_rate_<group>` keys are logged, else `learning_rate`), grad norm, then each of
+    REWARD_PANELS with its training keys and their eval_ counterparts. A panel without any logged key is left out."""
     train_logs = [e for e in log_history if "loss" in e]  # per-step training logs (not eval, not the summary)
+    lr_keys = sorted({k for e in train_logs for k in e if k.startswith("learning_rate_")}) or ["learning_rate"]
+    panels = {"loss": ["loss", "eval_loss"], "learning rate": lr_keys, "gradient norm": ["grad_norm"]}
+    logged = {k for e in log_history for k in e}
+    functions = sorted(k for k in logged if re.fullmatch(r"rewards/.+/mean", k))  # GRPO's reward functions
+    for title, keys in REWARD_PANELS.items():
+        keys = keys + functions if title == "reward" else keys
+        panels[title] = keys + [f"eval_{k}" for k in keys]
+    panels = {title: [k for k in keys if k in logged] for title, keys in panels.items()}
+    return {title: keys for title, keys in panels.items() if keys}
+
+
+def plot_training_curves(log_history, path) -> dict:
+    """training_curves.png: loss, learning rate and grad norm against the optimizer step, and DPO's or GRPO's
+    rewards and their companions when logged (training_panels); three panels a row.
+
+    log_history: Trainer's `state.log_history`. Evaluation values (eval_ keys) come from the evaluations' entries
+    and are drawn dashed beside their training curve. Returns what was plotted, {name: (steps, values)}; raises
+    ValueError when the logs hold no training step.
+    """
+    train_logs = [e for e in log_history if "loss" in e]
     if not train_logs:
         raise ValueError("no training-step logs to plot (is logging_steps larger than the number of steps?)")
-    lr_keys = sorted({k for e in train_logs for k in e if k.startswith("learning_rate_")}) or ["learning_rate"]
-    panels = {
-        "loss": ["loss", "eval_loss"],
-        "learning rate": lr_keys,
-        "gradient norm": ["grad_norm"],
-    }
     series = {}
-    for keys in panels.values():
+    panels = {}
+    for title, keys in training_panels(log_history).items():
         for key in keys:
-            steps, values = _series(log_history if key == "eval_loss" else train_logs, key)
+            steps, values = _series(log_history if key.startswith("eval_") else train_logs, key)
             if steps:
                 series[key] = (steps, values)
-    panels = {title: [k for k in keys if k in series] for title, keys in panels.items()}
+        panels[title] = [k for k in keys if k in series]
     panels = {title: keys for title, keys in panels.items() if keys}
 
-    figure, axes = _figure(ncols=len(panels), width=5.0)
+    ncols = min(len(panels), PANELS_PER_ROW)
+    figure, axes = _figure(ncols=ncols, width=5.0, nrows=-(-len(panels) // ncols))
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (title, keys) in zip(axes, panels.items()):
         for key in keys:
             steps, values = series[key]
             label = key.removeprefix("learning_rate_") if key.startswith("learning_rate_") else key
-            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label)
+            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label,
+                    linestyle="--" if key.startswith("eval_") else "-")
         ax.set_title(title)
         ax.xaxis.get_major_locator().set_params(integer=True)  # steps, not 12.5
         ax.set_xlabel("optimizer step")
@@ -125,6 +158,10 @@ def plot_training_curves(log_history, path) -> dict:
         ax.grid(alpha=0.3)
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if title == "rewards":
+            ax.axhline(0, color="#555555", linewidth=0.8)  # the reference model's reward
+        if title == "reward accuracy":
+            ax.set_ylim(-0.05, 1.05)
         if len(keys) > 1 or keys[0].startswith("learning_rate_"):  # name the curves (or the one param group)
             ax.legend()
     figure.suptitle("Training curves")

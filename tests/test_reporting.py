@@ -19,6 +19,7 @@ from phi3v.reporting import (
     plot_eval_curve,
     plot_training_curves,
     save_run_config,
+    training_panels,
     write_end_of_run_plots,
 )
 
@@ -157,6 +158,48 @@ def test_training_curves_plot_the_logged_values(tmp_path):
         plot_training_curves(LOG_HISTORY[-1:], tmp_path / "none.png")
 
 
+DPO_LOGS = [  # what DPOTrainer logs (TRL's names), with an evaluation's eval_ values between the steps
+    {"loss": 0.69, "grad_norm": 0.5, "learning_rate": 1e-3, "rewards/chosen": 0.0, "rewards/rejected": 0.0,
+     "rewards/margins": 0.0, "rewards/accuracies": 0.0, "logps/chosen": -50.0, "step": 2},
+    {"eval_loss": 0.66, "eval_rewards/chosen": 0.02, "eval_rewards/rejected": -0.03, "eval_rewards/margins": 0.05,
+     "eval_rewards/accuracies": 0.75, "step": 2},
+    {"loss": 0.6, "grad_norm": 0.7, "learning_rate": 8e-4, "rewards/chosen": 0.1, "rewards/rejected": -0.2,
+     "rewards/margins": 0.3, "rewards/accuracies": 1.0, "logps/chosen": -49.0, "step": 4},
+    {"train_runtime": 30.0, "train_loss": 0.64, "step": 4},
+]
+
+
+def test_dpo_rewards_get_their_panels(tmp_path):
+    """A panel a group of logged keys: DPO's rewards (eval_ ones beside them) and reward accuracy appear after the
+    usual three; logs without them keep the usual three."""
+    assert training_panels(DPO_LOGS) == {
+        "loss": ["loss", "eval_loss"],
+        "learning rate": ["learning_rate"],
+        "gradient norm": ["grad_norm"],
+        "rewards": ["rewards/chosen", "rewards/rejected", "rewards/margins", "eval_rewards/chosen",
+                    "eval_rewards/rejected", "eval_rewards/margins"],
+        "reward accuracy": ["rewards/accuracies", "eval_rewards/accuracies"],
+    }
+    assert list(training_panels(LOG_HISTORY)) == ["loss", "learning rate", "gradient norm"]
+    without_eval = [e for e in DPO_LOGS if "eval_loss" not in e]
+    assert training_panels(without_eval)["reward accuracy"] == ["rewards/accuracies"]
+    only_margins = [{k: v for k, v in e.items() if k not in ("rewards/chosen", "rewards/rejected",
+                                                             "rewards/accuracies")} for e in without_eval]
+    panels = training_panels(only_margins)
+    assert panels["rewards"] == ["rewards/margins"] and "reward accuracy" not in panels
+
+    series = plot_training_curves(DPO_LOGS, tmp_path / "training_curves.png")
+    assert series["rewards/margins"] == ([2, 4], [0.0, 0.3])
+    assert series["rewards/accuracies"] == ([2, 4], [0.0, 1.0])
+    assert series["eval_rewards/accuracies"] == ([2], [0.75])
+    assert "logps/chosen" not in series  # no panel of its own
+    # five panels: two rows of three (the sixth place left empty), so the figure is taller than the usual one
+    assert_png(tmp_path / "training_curves.png")
+    plot_training_curves(LOG_HISTORY, tmp_path / "usual.png")
+    with Image.open(tmp_path / "training_curves.png") as five, Image.open(tmp_path / "usual.png") as three:
+        assert five.width == three.width and five.height > 1.8 * three.height
+
+
 EVAL_LOGS = [  # accuracy at each evaluation during training, beside the training logs
     {"loss": 2.0, "learning_rate": 1e-5, "step": 10},
     {"eval_loss": 1.9, "eval_accuracy": 0.25, "step": 10},
@@ -219,3 +262,31 @@ def test_write_end_of_run_plots(tmp_path):
     # no training logs and no classes: only the comparison
     written = write_end_of_run_plots(tmp_path / "b", [], None, after, "accuracy")
     assert written == [str(tmp_path / "b" / "eval_comparison.png")]
+
+
+GRPO_LOGS = [  # what GRPOTrainer logs (TRL's names): two reward functions, no reference (beta 0: no kl)
+    {"loss": 0.0, "grad_norm": 0.1, "learning_rate": 1e-6, "reward": 0.5, "rewards/accuracy_reward/mean": 0.25,
+     "rewards/brevity_reward/mean": 0.5, "reward_std": 0.4, "frac_reward_zero_std": 0.5,
+     "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "clip_ratio/region_mean": 0.0,
+     "completions/mean_length": 3.5, "completions/clipped_ratio": 0.0, "step": 1},
+    {"loss": 0.01, "grad_norm": 0.2, "learning_rate": 5e-7, "reward": 1.25, "rewards/accuracy_reward/mean": 0.75,
+     "rewards/brevity_reward/mean": 1.0, "reward_std": 0.3, "frac_reward_zero_std": 0.25,
+     "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "clip_ratio/region_mean": 0.0,
+     "completions/mean_length": 2.0, "completions/clipped_ratio": 0.0, "step": 2},
+]
+
+
+def test_grpo_rewards_get_their_panels(tmp_path):
+    """GRPO's logs: the total reward with one curve per reward function, its spread within groups, clipping and
+    answer length; no KL panel without a reference (nothing logged under kl)."""
+    panels = training_panels(GRPO_LOGS)
+    assert list(panels) == ["loss", "learning rate", "gradient norm", "reward", "reward spread in groups",
+                            "clip ratio", "completion length"]
+    assert panels["reward"] == ["reward", "rewards/accuracy_reward/mean", "rewards/brevity_reward/mean"]
+    assert panels["reward spread in groups"] == ["reward_std", "frac_reward_zero_std"]
+    with_kl = [{**e, "kl": 0.01 * e["step"]} for e in GRPO_LOGS]
+    assert training_panels(with_kl)["KL to the reference"] == ["kl"]
+    series = plot_training_curves(with_kl, tmp_path / "training_curves.png")
+    assert series["rewards/brevity_reward/mean"] == ([1, 2], [0.5, 1.0])
+    assert series["kl"] == ([1, 2], [0.01, 0.02])
+    assert_png(tmp_path / "training_curves.png")
