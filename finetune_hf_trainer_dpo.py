@@ -107,6 +107,9 @@ class DPOArguments(CommunityArguments):
             raise InputError(f"--beta must be positive, got {self.beta}")
         if "robust" in self.loss_type and not 0 <= self.label_smoothing < 0.5:
             raise InputError(f"--label_smoothing must be in [0, 0.5) for the robust loss, got {self.label_smoothing}")
+        if "exo_pair" in self.loss_type and not 0 < self.label_smoothing < 1:  # its loss takes log(eps), log(1 - eps)
+            raise InputError(f"--label_smoothing is the exo_pair loss's epsilon and must be in (0, 1) (the EXO paper "
+                             f"recommends 1e-3), got {self.label_smoothing}")
         if self.precompute_ref_log_probs and self.lora_enable:
             logger.warning("--precompute_ref_log_probs with --lora_enable: the reference is the base model with the "
                            "adapters disabled, computed once before training all the same")

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
 
 from phi3v.dpo_loss import preference_loss, reward_metrics
 from phi3v.evaluation import full_weights
@@ -104,7 +103,8 @@ class DPOTrainer(Phi3VTrainer):
         mode = "train" if model.training else "eval"
         self.remember_batch_ids(inputs.get("sample_ids"))
         policy = pair_log_probs(model, inputs)
-        reference = self.reference_log_probs(model, inputs, mode)
+        # the policy's dtype: precomputed values are kept in float64, and would make the loss float64
+        reference = self.reference_log_probs(model, inputs, mode).to(policy.dtype)
         lengths = inputs["completion_lengths"].view(-1, 2)
         loss = preference_loss(
             self.dpo.loss_types, self.dpo.loss_weights, self.dpo.beta, policy[:, 0], policy[:, 1], reference[:, 0],
@@ -120,6 +120,15 @@ class DPOTrainer(Phi3VTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model, and the precomputed reference log-probabilities beside it. In a checkpoint this runs before
+        trainer_state.json is written, which is what makes a checkpoint complete (phi3v.checkpoints): a run killed
+        at any moment leaves no complete checkpoint without them (a callback's on_save came after that file, so a
+        kill in between left a checkpoint whose resume had to compute them again)."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.reference and self.args.should_save:
+            save_reference(self.reference, output_dir or self.args.output_dir)
 
     def preference_report(self, dataset) -> dict:
         """Preference accuracy, mean margin and log-prob accuracy (dpo.preference_metrics) of the policy on every
@@ -147,10 +156,8 @@ class Reference:
         return {"ref_model": self.ref_model, "reference": self.log_probs}
 
     def attach(self, trainer) -> None:
-        """Checkpoints carry precomputed log-probabilities; under ZeRO-3 the frozen copy is partitioned like the
-        policy (TRL's prepare_deepspeed: an inference engine, no optimizer)."""
-        if self.log_probs:
-            trainer.add_callback(ReferenceFileCallback(self.log_probs))
+        """Under ZeRO-3 the frozen copy is partitioned like the policy (TRL's prepare_deepspeed: an inference
+        engine, no optimizer). (Checkpoints carry precomputed log-probabilities: DPOTrainer.save_model.)"""
         if self.ref_model is not None and trainer.is_deepspeed_enabled:
             from transformers.integrations import is_deepspeed_zero3_enabled
             from trl.models.utils import prepare_deepspeed
@@ -162,27 +169,40 @@ class Reference:
 def reference_for_training(model, args, task, training_args, collator, train_dataset, eval_dataset, resume):
     """The run's Reference. --precompute_ref_log_probs: read from the checkpoint resumed from, else computed now
     (the policy before training, adapters disabled) and saved in the output folder; LoRA: none needed; full and
-    frozen-vision runs: a frozen copy of the starting model, loaded as the policy was."""
+    frozen-vision runs: a frozen copy of the starting model, loaded as the policy was.
+
+    On resume the model is still the starting one here (the Trainer loads the checkpoint's weights later), so a
+    split the checkpoint has no values for, or values for another number of pairs (an evaluation set added or
+    changed since), is computed now as it would have been at the start."""
     if task.precompute_ref_log_probs:
-        log_probs = load_reference(resume) if resume else None
-        if log_probs is None:
+        datasets = {"train": train_dataset, **({"eval": eval_dataset} if eval_dataset is not None else {})}
+        stored = (load_reference(resume) if resume else None) or {}
+        log_probs = {name: stored[name] for name, dataset in datasets.items()
+                     if name in stored and len(stored[name]) == len(dataset)}
+        if log_probs:
+            logger.info("reference log-probabilities read from %s (%s)", resume, pair_counts(log_probs))
+        missing = {name: dataset for name, dataset in datasets.items() if name not in log_probs}
+        if missing:
             batch_size = training_args.per_device_eval_batch_size
-            log_probs = {"train": dataset_log_probs(model, train_dataset, collator, batch_size, adapters=False)}
-            if eval_dataset is not None:
-                log_probs["eval"] = dataset_log_probs(model, eval_dataset, collator, batch_size, adapters=False)
+            computed = {name: dataset_log_probs(model, dataset, collator, batch_size, adapters=False)
+                        for name, dataset in missing.items()}
+            log_probs.update(computed)
             if training_args.should_save:
                 save_reference(log_probs, training_args.output_dir)
-            logger.info("reference log-probabilities computed for %s", ", ".join(
-                f"{len(values)} {name} pairs" for name, values in log_probs.items()))
-        else:
-            logger.info("reference log-probabilities read from %s", resume)
+            logger.info("reference log-probabilities computed for %s", pair_counts(computed))
         return Reference(log_probs=log_probs)
     return frozen_reference(model, args, task, training_args)
+
+
+def pair_counts(log_probs: dict) -> str:
+    return ", ".join(f"{len(values)} {name} pairs" for name, values in log_probs.items())
 
 
 def frozen_reference(model, args, task, training_args) -> Reference:
     """LoRA: no second model (the base with the adapters disabled is the reference); otherwise a frozen copy of the
     starting model, loaded as the policy was (DPO, GRPO with --beta > 0)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     from phi3v.arguments import model_dtype
     from phi3v.model_setup import load_model
 
@@ -191,8 +211,8 @@ def frozen_reference(model, args, task, training_args) -> Reference:
     ref_model = load_model(args.model_name_or_path, dtype=model_dtype(training_args), cache_dir=task.cache_dir)
     ref_model.requires_grad_(False)
     ref_model.eval()
-    if not training_args.deepspeed:
-        ref_model.to(training_args.device)
+    if not is_deepspeed_zero3_enabled():  # ZeRO-3: partitioned as it loads, then an engine (Reference.attach)
+        ref_model.to(training_args.device)  # ZeRO-2 too: no engine moves the copy to this process's GPU
     return Reference(ref_model=ref_model)
 
 
@@ -237,18 +257,6 @@ def preference_metrics(policy: torch.Tensor, reference: torch.Tensor, beta: floa
     return {"preference_accuracy": round(float(wins.mean()), 6), "mean_margin": round(float(margins.mean()), 6),
             "logp_accuracy": round(float((policy[:, 0] > policy[:, 1]).double().mean()), 6),
             "num_pairs": int(keep.sum())}
-
-
-class ReferenceFileCallback(TrainerCallback):
-    """Saves the precomputed reference log-probabilities into every checkpoint (and the output folder), so that a
-    resumed run reads them instead of computing them again."""
-
-    def __init__(self, reference: dict):
-        self.reference = reference
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            save_reference(self.reference, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
 def save_reference(reference: dict, folder: str) -> None:

@@ -22,6 +22,9 @@ that every test it names exists, in the file it names):
 | bad media file found before the model loads | test_flags: test_bad_media_is_found_before_the_model_loads; test_custom: test_bad_input_is_a_one_line_error |
 | bad flag (unknown, misspelled, refused combination) | test_flags: test_no_abbreviations_lora_alpha_in_task_recipes, test_custom_flag_errors, test_2u1_refusals_are_one_line, test_lora_with_nothing_to_wrap_names_the_flags |
 | split too small for the recipe's evaluation split | test_flags: test_500_rows_or_fewer_says_the_first_500_are_the_evaluation_split |
+| preference pair: missing / empty chosen or rejected, chosen == rejected, tags vs images, missing media, too long | test_dpo_recipe: test_each_bad_record_ends_the_recipe_in_one_line, test_a_bad_record_of_the_evaluation_file_ends_the_recipe_in_one_line, test_one_process_with_bad_records_skipped_trains_as_ddp |
+| DPO / GRPO flag combinations | test_dpo_recipe: test_each_bad_flag_ends_the_recipe_in_one_line; test_grpo: test_bad_flags_end_in_one_line_before_the_model_loads, test_unknown_flags_are_named |
+| reward file: syntax error, no *_reward function, raises, wrong length or type | test_grpo: test_bad_reward_files_end_in_one_line_before_the_model_loads, test_a_reward_failing_in_training_ends_in_one_line |
 | nothing already written is lost | here: test_bad_sample_mid_run_keeps_the_checkpoints_and_resumes_with_skip; test_reliability: test_check_output_dir, test_resume_auto_after_sigkill_at_a_random_step_and_during_a_save; test_adapters: test_predict_and_merge_lora_refuse_in_one_line_and_write_nothing |
 """
 
@@ -68,7 +71,7 @@ def catalogue() -> dict[str, dict[str, list[str]]]:
 
 def test_the_catalogue_names_existing_tests():
     table = catalogue()
-    assert len(table) == __doc__.count("\n| ") - 1 == 17  # every row read (less the header)
+    assert len(table) == __doc__.count("\n| ") - 1 == 20  # every row read (less the header)
     for entry, files in table.items():
         assert any(files.values()), f"{entry}: no test named"
         for name, tests in files.items():
