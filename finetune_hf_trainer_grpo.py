@@ -18,11 +18,14 @@ expression such as '<think>.*?</think>\\s*<answer>(?P<answer>.*?)</answer>', who
 scores), and .py files whose functions named *_reward are rewards (phi3v/rewards.py); --reward_weights combines them.
 Sampling and the objective take TRL's GRPO names and meanings: --num_generations, --max_completion_length,
 --temperature, --top_p, --top_k, --beta (KL to the reference; 0: no reference model), --epsilon, --epsilon_high,
---loss_type (grpo, bnpo, dr_grpo, dapo), --scale_rewards (group, batch, none). As in TRL, --batch_size and
---batch_size_per_gpu count answers (a multiple of --num_generations: a group shares its prompt's row on one GPU).
+--loss_type (grpo, bnpo, dr_grpo, dapo), --scale_rewards (group, batch, none), --use_bias_correction_kl. As in TRL,
+--batch_size and --batch_size_per_gpu count answers (a multiple of --num_generations: a group shares its prompt's row
+on one GPU).
 Strategies and their flags are the community recipe's (phi3v/community_flags.py). Each group costs one prompt: the
 prompt and its images run once in sampling (the KV cache copied for the G answers) and in the loss (one
-shared-prefix row), docs/DESIGN.md §12, §14, §15.
+shared-prefix row), docs/DESIGN.md §12, §14, §15; --shared_prefix False runs the usual layout instead (TRL's: the
+prompt repeated G times in sampling, one row per answer in the loss; the same completions and loss, for comparison:
+benchmarks/bench_grpo.py).
 """
 
 import dataclasses
@@ -40,11 +43,12 @@ from phi3v.callbacks import add_learning_rate_logging
 from phi3v.checkpoints import prepare_resume
 from phi3v.community_flags import CommunityArguments
 from phi3v.dpo import frozen_reference
-from phi3v.errors import InputError, exit_on_input_error
+from phi3v.errors import InputError, exit_on_input_error, one_line
 from phi3v.grpo import GRPOSettings, GRPOTrainer, PromptDataset, collate_prompts
 from phi3v.grpo_loss import LOSS_TYPES, REWARD_SCALINGS
 from phi3v.metrics import mean_anls, mean_exact_match
 from phi3v.optim import build_optimizer
+from phi3v.records import BadSampleError
 from phi3v.rewards import Rewards
 from phi3v.splits import records_split
 from phi3v.training import (
@@ -59,6 +63,7 @@ from phi3v.training import (
 
 logger = logging.getLogger(__name__)
 HERE = os.path.dirname(os.path.abspath(__file__))
+CLASS_SAMPLE = 256  # training records whose answers join the evaluation split's as a classification task's classes
 
 
 # ------------------------------------------------------------------------------------------------ the task
@@ -99,6 +104,12 @@ class GRPOArguments(CommunityArguments):
     epsilon_high: float | None = field(default=None, metadata={"help": "upper clipping bound (default: --epsilon)"})
     loss_type: str = field(default="dapo", metadata={"help": f"one of {', '.join(LOSS_TYPES)} (TRL's)"})
     scale_rewards: str = field(default="group", metadata={"help": f"one of {', '.join(REWARD_SCALINGS)} (TRL's)"})
+    use_bias_correction_kl: bool = field(
+        default=True, metadata={"help": "weigh the KL term by the probability ratio: the unbiased reverse-KL gradient "
+                                        "(TRL's, its default); False: beta x KL alone"})
+    shared_prefix: bool = field(
+        default=True, metadata={"help": "a group's prompt run once in sampling and in the loss (False: the prompt "
+                                        "repeated G times in both, as TRL does; for comparison)"})
 
     def resolve(self, recipe_args) -> None:
         super().resolve(recipe_args)
@@ -124,7 +135,7 @@ class GRPOArguments(CommunityArguments):
                 re.compile(self.answer_format)
             except re.error as error:
                 raise InputError(f"--answer_format {self.answer_format!r}: not a regex ({error})") from None
-        if recipe_args.use_flash_attention:  # the training rows need a mask flash-attn cannot take
+        if self.shared_prefix and recipe_args.use_flash_attention:  # the rows need a mask flash-attn cannot take
             logger.warning("shared-prefix rows need an attention mask: SDPA attention instead of flash-attn")
             recipe_args.use_flash_attention = False
 
@@ -139,9 +150,17 @@ def task_recipe(path: str):
     found = path if os.path.isfile(path) else os.path.join(HERE, path)
     if not os.path.isfile(found):
         raise InputError(f"--task {path}: no such recipe file")
+    if not found.endswith(".py"):  # importlib has no loader for it (a traceback otherwise)
+        raise InputError(f"--task {path}: not a task recipe (a recipe is a .py file, e.g. "
+                         "finetune_hf_trainer_docvqa.py)")
     spec = importlib.util.spec_from_file_location(f"phi3v_task_{os.path.basename(found)[:-3]}", found)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise InputError(f"--task {path}:{error.lineno}: cannot load it: SyntaxError: {error.msg}") from None
+    except Exception as error:  # the file failed while it was imported
+        raise InputError(f"--task {path}: cannot load it: {type(error).__name__}: {one_line(error)}") from None
     missing = [name for name in ("load_data", "to_record", "score") if not hasattr(module, name)]
     if missing:
         raise InputError(f"--task {path}: not a task recipe (it has no {', '.join(missing)}; copy "
@@ -163,6 +182,23 @@ def score(predictions):
     """--data_path: the greedy answer against the reference answer, exact match and ANLS."""
     texts, golds = [p["prediction"] for p in predictions], [p.get("answers") or [p["answer"]] for p in predictions]
     return "exact_match", mean_exact_match(texts, golds), {"anls": mean_anls(texts, golds)}
+
+
+def task_classes(train_dataset, eval_dataset, train_records=CLASS_SAMPLE) -> list[str]:
+    """A classification recipe's classes, which accuracy_reward parses each answer onto (as evaluation does onto the
+    distinct gold answers): the answers of the evaluation split and of the first `train_records` training records."""
+    datasets = [(train_dataset, min(train_records, len(train_dataset)))]
+    if eval_dataset is not None:
+        datasets.append((eval_dataset, len(eval_dataset)))
+    answers = set()
+    for dataset, count in datasets:
+        for index in range(count):
+            try:
+                answers.add(dataset.record(index)["messages"][-1]["content"])
+            except BadSampleError:
+                if not dataset.skip_bad_samples:
+                    raise
+    return sorted(answers)
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
@@ -193,7 +229,8 @@ def run(argv=None):
     train_dataset = PromptDataset(train_rows, **dataset_options)
     eval_dataset = PromptDataset(eval_rows, **dataset_options) if eval_rows else None
     evaluation = recipe_evaluation(eval_dataset, task_score, args, training_args)
-    rewards = Rewards(task.reward_funcs, task.reward_weights, task_score, task.answer_format)
+    classes = task_classes(train_dataset, eval_dataset) if getattr(recipe, "CLASSIFY", False) else None
+    rewards = Rewards(task.reward_funcs, task.reward_weights, task_score, task.answer_format, classes)
     first = train_dataset[0]  # every reward answers a sample (its reference answer) before the model loads
     rewards([first["answer"]], [first["answer"]], [first["record"]])
 

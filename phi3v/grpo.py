@@ -20,7 +20,7 @@ from phi3v.group_sampling import group_examples, sample_groups
 from phi3v.grpo_loss import aggregate, group_advantages, token_losses
 from phi3v.media import load_record_images
 from phi3v.records import BadSampleError
-from phi3v.shared_prefix import model_inputs, shared_prefix_batch
+from phi3v.shared_prefix import model_inputs, shared_prefix_batch, two_sequence_batch
 from phi3v.training import Phi3VTrainer
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class GRPOSettings:
     epsilon_high: float | None = None  # None: epsilon
     loss_type: str = "dapo"
     scale_rewards: str = "group"
+    use_bias_correction_kl: bool = True  # the KL term weighted by the ratio (TRL's default)
+    shared_prefix: bool = True  # False: the usual layout (prompt repeated G times in sampling and loss), to compare
 
 
 class PromptDataset(SFTDataset):
@@ -83,7 +85,8 @@ def collate_prompts(examples: list[dict]) -> dict:
 class GRPOTrainer(Phi3VTrainer):
     """Phi3VTrainer whose step is GRPO's: sample G answers to each prompt of the micro-batch (the prompt run once),
     score them, group-normalise the rewards into advantages, and take the clipped policy-gradient loss (plus beta x
-    KL to the reference) on one shared-prefix row per micro-batch.
+    KL to the reference) on one shared-prefix row per micro-batch. With settings shared_prefix=False, the usual
+    layout instead (TRL's): each prompt repeated G times in sampling and one row per answer in the loss.
 
     One pass per sampled batch (TRL's num_iterations 1): the old policy is the current one, so the ratio is 1 and
     the clip bounds nothing, as in TRL by default. The reference (beta > 0): `ref_model`, or the policy with its LoRA
@@ -106,7 +109,8 @@ class GRPOTrainer(Phi3VTrainer):
         g = self.grpo
         with full_weights(model):
             return sample_groups(model, prompts, g.num_generations, g.max_completion_length, temperature=g.temperature,
-                                 top_p=g.top_p, top_k=g.top_k, pad_token_id=self.processing_class.pad_token_id)
+                                 top_p=g.top_p, top_k=g.top_k, pad_token_id=self.processing_class.pad_token_id,
+                                 share_prompt=g.shared_prefix)
 
     def token_log_probs(self, model, batch):
         return model(**model_inputs(batch), logp_temperature=self.grpo.temperature).token_log_probs
@@ -131,15 +135,15 @@ class GRPOTrainer(Phi3VTrainer):
         batch_rewards = gather_rewards(rewards) if g.scale_rewards == "batch" else None
         advantages, std = group_advantages(rewards, g.num_generations, g.scale_rewards, batch_rewards)
 
-        batch = self._prepare_inputs(shared_prefix_batch(group_examples(prompts, sampled),
-                                                         self.processing_class.pad_token_id))
+        layout = shared_prefix_batch if g.shared_prefix else two_sequence_batch  # one row, or a row per answer
+        batch = self._prepare_inputs(layout(group_examples(prompts, sampled), self.processing_class.pad_token_id))
         log_probs = self.token_log_probs(model, batch)
         completion_index, lengths = batch["completion_index"], batch["completion_lengths"]
         token_advantages = advantages.to(log_probs.device)[completion_index]
         reference = self.reference_log_probs(model, batch) if g.beta != 0.0 else None
         epsilon_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
         per_token, kl, low, high = token_losses(log_probs, log_probs.detach(), token_advantages, g.epsilon,
-                                                epsilon_high, g.beta, reference)
+                                                epsilon_high, g.beta, reference, g.use_bias_correction_kl)
         total_tokens = None
         if g.loss_type == "dapo":  # completion tokens per process over the whole batch (TRL's normalizer)
             total_tokens = lengths.sum().float()

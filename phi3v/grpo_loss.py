@@ -33,16 +33,20 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 
 
 def token_losses(log_probs, old_log_probs, advantages, epsilon_low=0.2, epsilon_high=0.2, beta=0.0,
-                 ref_log_probs=None):
+                 ref_log_probs=None, bias_correction_kl=True):
     """Per-token loss (and its parts) of GRPO's clipped objective, all tensors of the same shape (one value per
     completion token; `advantages` repeated over its completion's tokens):
 
         ratio = exp(log_probs - old_log_probs)
-        loss  = -min(ratio x A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL
+        loss  = -min(ratio x A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL x ratio
         KL    = exp(ref - logp) - (ref - logp) - 1      (the k3 estimator)
 
-    Returns (loss, kl or None, low_clipped, high_clipped): which tokens the clip bound (ratio below 1 - eps with
-    A < 0, above 1 + eps with A > 0)."""
+    The KL term is weighted by the ratio (TRL's use_bias_correction_kl, its default since 1.x: the unbiased
+    reverse-KL gradient of DeepSeek-V3.2); with the old policy the current one the ratio is 1 in value, but its
+    gradient adds KL x grad(logp). bias_correction_kl=False: beta x KL alone.
+
+    Returns (loss, kl or None, low_clipped, high_clipped): kl is the k3 value; the clipped flags say which tokens
+    the clip bound (ratio below 1 - eps with A < 0, above 1 + eps with A > 0)."""
     ratio = torch.exp(log_probs - old_log_probs)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = -torch.min(ratio * advantages, clipped * advantages)
@@ -50,7 +54,7 @@ def token_losses(log_probs, old_log_probs, advantages, epsilon_low=0.2, epsilon_
     if beta != 0.0:
         delta = ref_log_probs - log_probs
         kl = torch.exp(delta) - delta - 1
-        loss = loss + beta * kl
+        loss = loss + beta * (kl * ratio if bias_correction_kl else kl)
     low = (ratio < 1 - epsilon_low) & (advantages < 0)
     high = (ratio > 1 + epsilon_high) & (advantages > 0)
     return loss, kl, low, high

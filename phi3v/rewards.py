@@ -14,11 +14,13 @@ answers, media paths). Rewards are combined as sum(weight x reward) with --rewar
 import importlib.util
 import inspect
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from phi3v.errors import InputError, one_line
@@ -46,10 +48,16 @@ def answer_part(text: str, answer_format: str | None) -> str | None:
     return match.group(match.re.groups) if match.re.groups else match.group(0)
 
 
-def builtin_rewards(score, answer_format: str | None) -> dict[str, Callable]:
+def builtin_rewards(score, answer_format: str | None, classes: list[str] | None = None) -> dict[str, Callable]:
     """accuracy_reward: the recipe's score of each answer on its own (accuracy: 1 or 0; DocVQA: ANLS) on its
     answer part (0 when --answer_format does not match); format_reward: 1 when the answer matches --answer_format,
-    else 0."""
+    else 0.
+
+    `classes` (a classification recipe's answers): a classification score parses a prediction onto the gold answers
+    it is given, so an answer scored alone would be parsed onto its own gold class only and "yes or no" would be
+    right whatever the gold. With `classes`, each answer is scored beside one correct item per other class (the
+    prediction its gold), so it is parsed onto every class as in evaluation; its reward is what it adds to that
+    mean: n x score - (n - 1) for n items."""
 
     def accuracy_reward(completions, answers, records):
         rewards = []
@@ -61,7 +69,9 @@ def builtin_rewards(score, answer_format: str | None) -> dict[str, Callable]:
             item = {"id": record.get("id"), "prediction": part.strip(), "answer": answer}
             if record.get("answers") is not None:
                 item["answers"] = list(record["answers"])
-            rewards.append(float(score([item])[1]))
+            anchors = [{"id": f"class-{c}", "prediction": c, "answer": c} for c in classes or () if c != answer]
+            value = float(score([item, *anchors])[1]) * (len(anchors) + 1) - len(anchors)
+            rewards.append(round(value, 9) if anchors else value)  # 0.0 not -2.2e-16
         return rewards
 
     def format_reward(completions, answers, records):
@@ -93,8 +103,9 @@ def load_reward_file(path: str) -> list[RewardFunction]:
 class Rewards:
     """The run's reward functions and weights: calls them, checks what they return, and combines them."""
 
-    def __init__(self, specs: list[str], weights: list[float] | None, score, answer_format: str | None):
-        builtins = builtin_rewards(score, answer_format)
+    def __init__(self, specs: list[str], weights: list[float] | None, score, answer_format: str | None,
+                 classes: list[str] | None = None):
+        builtins = builtin_rewards(score, answer_format, classes)
         self.functions = []
         for spec in specs:
             if spec in builtins:
@@ -137,7 +148,8 @@ class Rewards:
                                  "return one float per completion")
             column = []
             for value in values:
-                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                # numbers.Real: int, float and numpy's scalars (np.float32 is no float); a bool is no reward
+                if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)):
                     raise InputError(f"reward {where} returned {value!r}: a reward is a float (or None)")
                 column.append(math.nan if value is None else float(value))
             columns.append(column)
