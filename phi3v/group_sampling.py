@@ -2,9 +2,11 @@
 (docs/DESIGN.md §14).
 
 `sample_groups` left-pads the prompts, runs CLIP and the decoder over all but the last prompt token once per
-prompt, copies the resulting KV cache G times along the batch (`Cache.batch_repeat_interleave`, transformers'
-public cache API) and lets transformers' `generate` continue from it with the prompt ids repeated G times: its first
-step runs only the last prompt token of each of the B * G rows, then it samples as usual. `sample_groups_repeated`
+prompt, copies the resulting KV cache G times along the batch into a preallocated `StaticCache` (decoding writes
+each new token in place instead of concatenating the whole cache at every step; both paths use one) and lets
+transformers' `generate` continue from it with the prompt ids repeated G times: its first step runs only the last
+prompt token of each of the B * G rows, then it samples as usual. (When a step passes LongRoPE's switch the model
+re-runs the whole sequence without the cache: then both paths keep transformers' DynamicCache.) `sample_groups_repeated`
 is the usual layout (every prompt repeated G times, CLIP and the prefill run G times: TRL's), the reference for the
 equality tests and the benchmark. With the same torch seed both return the same completions: the rows are in the
 same order and generate draws its samples with the same logits processors from tensors of the same shapes; only
@@ -21,6 +23,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+from transformers import StaticCache
 
 from phi3v.compat import GENERATION_CACHE_KWARG
 from phi3v.processing import STOP_TOKEN_IDS, as_id_list
@@ -66,6 +69,10 @@ def sample_groups(
     batch = _PromptBatch(prompts, pad_token_id, num_generations, max_completion_length)
     options = _generation_options(max_completion_length, temperature, top_p, top_k, do_sample, pad_token_id,
                                   stop_token_ids)
+    limit = model.config.original_max_position_embeddings
+    # A generation step passes the LongRoPE switch with the short-factor cache: the model drops the cache then and
+    # re-runs the whole sequence (one forward over B * G rows, with every row's images).
+    switches = batch.width <= limit + 1 <= batch.width + max_completion_length - 1
     if not share_prompt or batch.width < 2:  # a one-token prompt has nothing to share
         with _sampling(model) as (device, dtype):
             rows = batch.rows()
@@ -75,6 +82,9 @@ def sample_groups(
                 "attention_mask": batch.attention_mask[rows],
                 **{k: images[k] for k in ("pixel_values", "image_sizes") if k in images},
             }
+            if not switches:  # generate's prefill fills it, as the shared path's copy below
+                inputs[GENERATION_CACHE_KWARG] = StaticCache(config=model.config,
+                                                             max_cache_len=batch.width + max_completion_length)
             generated = model.generate(**_on(inputs, device, dtype), **options)
         return _completions(generated, batch, stop_token_ids)
     with _sampling(model) as (device, dtype):
@@ -89,7 +99,6 @@ def sample_groups(
         prefill = model(**_on(prefill_inputs, device, dtype), use_cache=True, logits_to_keep=1)
         cache = prefill.cache
         del prefill
-        cache.batch_repeat_interleave(num_generations)  # [B, ...] -> [B * G, ...], prompt-major like the rows
         rows = batch.rows()
         inputs = {
             "input_ids": batch.input_ids[rows],
@@ -97,12 +106,12 @@ def sample_groups(
             # also the pad id) for padding
             "attention_mask": batch.attention_mask[rows],
         }
-        limit = model.config.original_max_position_embeddings
-        if batch.width <= limit + 1 <= batch.width + max_completion_length - 1:
-            # A generation step will pass the LongRoPE switch with the short-factor cache: the model re-runs the
-            # whole sequence then (one forward over B * G rows) and needs every row's images.
+        if switches:  # the re-run needs every row's images
+            cache.batch_repeat_interleave(num_generations)  # [B, ...] -> [B * G, ...], prompt-major like the rows
             images = batch.images(rows)
             inputs.update({k: images[k] for k in ("pixel_values", "image_sizes") if k in images})
+        else:
+            cache = _repeated_static(cache, num_generations, model.config, prefix + max_completion_length)
         inputs[GENERATION_CACHE_KWARG] = cache  # "cache" in transformers 5.24 (past_key_values before)
         generated = model.generate(**_on(inputs, device, dtype), **options)
     return _completions(generated, batch, stop_token_ids)
@@ -211,6 +220,19 @@ def _sampling(model):
             yield device, dtype
     finally:
         model.train(was_training)
+
+
+def _repeated_static(cache, repeats: int, config, max_cache_len: int) -> StaticCache:
+    """The prompts' cache [B, ...] copied into a preallocated StaticCache of B * repeats rows (prompt-major, like
+    the rows): each decoding step then writes its token in place, where a DynamicCache concatenates, copying the
+    whole cache of every row at every step (on a CPU that copy took half the decoding time of 8 answers to a
+    DocVQA-sized prompt; benchmarks/README.md). The same values, so the same samples."""
+    static = StaticCache(config=config, max_cache_len=max_cache_len)
+    for index, layer in enumerate(cache.layers):
+        positions = torch.arange(layer.keys.shape[-2], device=layer.keys.device)
+        static.update(layer.keys.repeat_interleave(repeats, dim=0), layer.values.repeat_interleave(repeats, dim=0),
+                      index, {"cache_position": positions})
+    return static
 
 
 def _on(inputs: dict, device, dtype) -> dict:
