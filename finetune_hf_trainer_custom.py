@@ -34,7 +34,7 @@ from phi3v.community_flags import CommunityArguments
 from phi3v.dataset import SFTDataset
 from phi3v.errors import exit_on_input_error
 from phi3v.media import check_media
-from phi3v.metrics import mean_anls, mean_exact_match
+from phi3v.metrics import free_text_score
 from phi3v.optim import build_optimizer
 from phi3v.records import load_records
 from phi3v.splits import take
@@ -78,10 +78,7 @@ def build_model(args, task, training_args):
     return exit_on_input_error(model_for_training)(args, training_args, task.model_plan(args))
 
 
-def score(predictions):
-    """Exact match and ANLS against every gold answer of a prediction, both on phi3v.metrics.normalise_answer."""
-    texts, golds = [p["prediction"] for p in predictions], [p.get("answers") or [p["answer"]] for p in predictions]
-    return "exact_match", mean_exact_match(texts, golds), {"anls": mean_anls(texts, golds)}
+score = free_text_score  # exact match and ANLS against every gold answer of a prediction (phi3v.metrics)
 
 
 # ------------------------------------------------------------------------------------------------ the recipe

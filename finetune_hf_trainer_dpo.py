@@ -36,7 +36,7 @@ from phi3v.community_flags import CommunityArguments
 from phi3v.dpo import DPOSettings, DPOTrainer, PreferenceCollator, reference_for_training
 from phi3v.dpo_loss import LOSS_TYPES
 from phi3v.errors import InputError, exit_on_input_error
-from phi3v.metrics import mean_anls, mean_exact_match
+from phi3v.metrics import free_text_score
 from phi3v.optim import build_optimizer
 from phi3v.preference import PreferenceDataset, check_pair_lengths, parse_preference
 from phi3v.splits import records_split
@@ -128,10 +128,7 @@ def parse(argv=None):
                                            program=os.path.basename(__file__), **SCRIPT_DEFAULTS)
 
 
-def score(predictions):
-    """The greedy answer against the chosen answer: exact match and ANLS (phi3v.metrics.normalise_answer)."""
-    texts, golds = [p["prediction"] for p in predictions], [p.get("answers") or [p["answer"]] for p in predictions]
-    return "exact_match", mean_exact_match(texts, golds), {"anls": mean_anls(texts, golds)}
+score = free_text_score  # exact match and ANLS of the greedy answer against the chosen answer (phi3v.metrics)
 
 
 # ------------------------------------------------------------------------------------------------ the recipe

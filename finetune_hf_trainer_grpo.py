@@ -30,7 +30,6 @@ benchmarks/bench_grpo.py).
 
 import dataclasses
 import functools
-import importlib.util
 import logging
 import os
 import re
@@ -43,13 +42,13 @@ from phi3v.callbacks import add_learning_rate_logging
 from phi3v.checkpoints import prepare_resume
 from phi3v.community_flags import CommunityArguments
 from phi3v.dpo import frozen_reference
-from phi3v.errors import InputError, exit_on_input_error, one_line
+from phi3v.errors import InputError, exit_on_input_error
 from phi3v.grpo import GRPOSettings, GRPOTrainer, PromptDataset, collate_prompts
 from phi3v.grpo_loss import LOSS_TYPES, REWARD_SCALINGS
-from phi3v.metrics import mean_anls, mean_exact_match
+from phi3v.metrics import free_text_score
 from phi3v.optim import build_optimizer
 from phi3v.records import BadSampleError
-from phi3v.rewards import Rewards
+from phi3v.rewards import Rewards, import_python_file
 from phi3v.splits import records_split
 from phi3v.training import (
     make_trainer,
@@ -153,14 +152,7 @@ def task_recipe(path: str):
     if not found.endswith(".py"):  # importlib has no loader for it (a traceback otherwise)
         raise InputError(f"--task {path}: not a task recipe (a recipe is a .py file, e.g. "
                          "finetune_hf_trainer_docvqa.py)")
-    spec = importlib.util.spec_from_file_location(f"phi3v_task_{os.path.basename(found)[:-3]}", found)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as error:
-        raise InputError(f"--task {path}:{error.lineno}: cannot load it: SyntaxError: {error.msg}") from None
-    except Exception as error:  # the file failed while it was imported
-        raise InputError(f"--task {path}: cannot load it: {type(error).__name__}: {one_line(error)}") from None
+    module = import_python_file(found, "--task", f"phi3v_task_{os.path.basename(found)[:-3]}")
     missing = [name for name in ("load_data", "to_record", "score") if not hasattr(module, name)]
     if missing:
         raise InputError(f"--task {path}: not a task recipe (it has no {', '.join(missing)}; copy "
@@ -178,10 +170,7 @@ def parse(argv=None):
                                            program=os.path.basename(__file__), **SCRIPT_DEFAULTS)
 
 
-def score(predictions):
-    """--data_path: the greedy answer against the reference answer, exact match and ANLS."""
-    texts, golds = [p["prediction"] for p in predictions], [p.get("answers") or [p["answer"]] for p in predictions]
-    return "exact_match", mean_exact_match(texts, golds), {"anls": mean_anls(texts, golds)}
+score = free_text_score  # --data_path: exact match and ANLS of the greedy answer against the reference (phi3v.metrics)
 
 
 def task_classes(train_dataset, eval_dataset, train_records=CLASS_SAMPLE) -> list[str]:

@@ -54,6 +54,14 @@ def mean_anls(predictions, answers_list, threshold=0.5):
     return sum(anls(p, a, threshold) for p, a in zip(predictions, answers_list)) / len(predictions)
 
 
+def free_text_score(predictions):
+    """A recipe's score (phi3v.evaluation) for free-text answers: exact match, and ANLS beside it, of each
+    prediction against its gold answers ("answers" where a record has several, else "answer"), both on
+    normalise_answer. The custom, DPO and GRPO recipes' metric."""
+    texts, golds = [p["prediction"] for p in predictions], [p.get("answers") or [p["answer"]] for p in predictions]
+    return "exact_match", mean_exact_match(texts, golds), {"anls": mean_anls(texts, golds)}
+
+
 def parse_choice(text, choices):
     """Map a generated answer to one of `choices`, or None (which counts as wrong).
 

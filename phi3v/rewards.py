@@ -80,18 +80,25 @@ def builtin_rewards(score, answer_format: str | None, classes: list[str] | None 
     return {"accuracy_reward": accuracy_reward, "format_reward": format_reward}
 
 
-def load_reward_file(path: str) -> list[RewardFunction]:
-    """Every function of a Python file whose name ends in `_reward`, in the file's order."""
-    if not os.path.isfile(path):
-        raise InputError(f"--reward_funcs {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"phi3v_user_rewards_{abs(hash(path))}", path)
+def import_python_file(path: str, flag: str, module_name: str):
+    """A user's Python file imported as a module (a reward file; GRPO's --task recipe); a file that does not load
+    ends the run in one line naming the flag, the file (and the line of a syntax error) and why."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as error:
-        raise InputError(f"--reward_funcs {path}:{error.lineno}: cannot load it: SyntaxError: {error.msg}") from None
+        raise InputError(f"{flag} {path}:{error.lineno}: cannot load it: SyntaxError: {error.msg}") from None
     except Exception as error:  # the user's module failed while it was imported
-        raise InputError(f"--reward_funcs {path}: cannot load it: {type(error).__name__}: {one_line(error)}") from None
+        raise InputError(f"{flag} {path}: cannot load it: {type(error).__name__}: {one_line(error)}") from None
+    return module
+
+
+def load_reward_file(path: str) -> list[RewardFunction]:
+    """Every function of a Python file whose name ends in `_reward`, in the file's order."""
+    if not os.path.isfile(path):
+        raise InputError(f"--reward_funcs {path}: no such file")
+    module = import_python_file(path, "--reward_funcs", f"phi3v_user_rewards_{abs(hash(path))}")
     found = [RewardFunction(name, path, value) for name, value in vars(module).items()
              if name.endswith("_reward") and inspect.isfunction(value) and value.__module__ == module.__name__]
     if not found:
