@@ -818,7 +818,7 @@ def records_run(work):
     argv = records_argv(work, "--eval_data_path", work["eval"], "--reward_funcs", "accuracy_reward", work["rewards"],
                         "--lora_enable", "--lora_rank", "4", "--lora_alpha", "8", "--beta", "0.1", "--max_steps", "2",
                         "--learning_rate", "1e-2", "--save_strategy", "no", "--eval_batch_size", "2",
-                        out="records_run")
+                        "--eval_steps", "1", out="records_run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", [PROGRAM])
         patch.setattr(GRPOTrainer, "sample", recording_sample)
@@ -851,9 +851,13 @@ def test_records_run_logs_each_reward_function(records_run):
 
 
 def test_records_run_evaluates_by_exact_match(records_run):
+    """Before, during (--eval_steps 1: after each of the 2 steps, logged as eval_exact_match / eval_anls) and after
+    training: the greedy answers' exact match and ANLS, recomputed here from the predictions each report holds."""
     from phi3v.metrics import mean_anls, mean_exact_match
 
-    for name in ("eval_before", "eval_after"):
+    logged = {e["step"]: e for e in records_run["trainer"].state.log_history if "eval_exact_match" in e}
+    assert sorted(logged) == [1, 2]
+    for name in ("eval_before", "eval_step_1", "eval_step_2", "eval_after"):
         with open(records_run["dir"] / f"{name}.json") as f:
             report = json.load(f)
         predictions = report["predictions"]
@@ -861,6 +865,10 @@ def test_records_run_evaluates_by_exact_match(records_run):
         texts, golds = [p["prediction"] for p in predictions], [[p["answer"]] for p in predictions]
         assert report["exact_match"] == mean_exact_match(texts, golds)
         assert report["anls"] == pytest.approx(mean_anls(texts, golds))
+        if name.startswith("eval_step_"):
+            step = int(name.rsplit("_", 1)[1])
+            assert logged[step]["eval_exact_match"] == pytest.approx(report["exact_match"])
+            assert logged[step]["eval_anls"] == pytest.approx(report["anls"])
     assert os.path.isfile(records_run["dir"] / "adapter_model.safetensors")
 
 
