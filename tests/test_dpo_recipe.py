@@ -642,3 +642,21 @@ def test_eval_before_and_after_hold_the_preference_numbers_and_the_answers(ddp, 
     assert after["preference_accuracy"] == expected["preference_accuracy"] > 0.5
     assert after["logp_accuracy"] == expected["logp_accuracy"]
     assert after["mean_margin"] == pytest.approx(expected["mean_margin"], abs=2e-6) and after["mean_margin"] > 0
+
+
+def test_dpo_launcher_trains_lora_with_its_flags(data, tmp_path):
+    """scripts/finetune_dpo.sh: the DPO recipe under torchrun with the launcher's flags (LoRA, frozen CLIP, sigmoid at
+    beta 0.1); extra flags pass through and win (here: a tiny LoRA rank, one step)."""
+    output_dir = tmp_path / "launcher"
+    env = dict(subprocess_env(), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MODEL=data["model"], DATA_PATH=data["pairs"],
+               IMAGE_FOLDER=data["images"], OUTPUT_DIR=str(output_dir))
+    flags = ["--num_crops", "1", "--batch_size", "2", "--batch_size_per_gpu", "2", "--max_steps", "1",
+             "--lora_rank", "4", "--lora_alpha", "8", "--logging_steps", "1", "--report_to", "none",
+             "--deepspeed", "none", "--dataloader_num_workers", "0", "--save_strategy", "no", "--skip_eval_before"]
+    result = subprocess.run(["bash", "scripts/finetune_dpo.sh", *flags], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    config = read_json(output_dir / "run_config.json")
+    assert os.path.isfile(output_dir / "adapter_model.safetensors")
+    assert "--freeze_vision_tower" in config["command"] and "--lora_rank 4" in config["command"], config["command"]
+    assert "'loss': '0.6931" in result.stdout + result.stderr or "'loss': 0.6931" in result.stdout + result.stderr

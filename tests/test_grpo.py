@@ -1100,3 +1100,20 @@ def test_shared_prefix_flag_off_is_the_usual_computation(models, image_groups, p
     assert grads.keys() == usual_grads.keys() and any("img_projection" in name for name in grads)
     for name in grads:
         torch.testing.assert_close(grads[name], usual_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_grpo_launcher_trains_lora_with_its_flags(work, tmp_path):
+    """scripts/finetune_grpo.sh: the GRPO recipe under torchrun on records with the launcher's flags (LoRA, frozen
+    CLIP, beta 0); extra flags pass through and win (a tiny rank, 2 answers of 3 tokens, one step, a reward file)."""
+    output_dir = tmp_path / "launcher"
+    env = subprocess_env(MODEL=work["model"], DATA_PATH=work["train"], IMAGE_FOLDER=work["media"],
+                         OUTPUT_DIR=str(output_dir))
+    flags = [*RUN_FLAGS, "--batch_size", "4", "--batch_size_per_gpu", "4", "--max_steps", "1", "--lora_rank", "4",
+             "--lora_alpha", "8", "--save_strategy", "no", "--reward_funcs", "accuracy_reward", work["rewards"]]
+    result = subprocess.run(["bash", "scripts/finetune_grpo.sh", *flags], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    config = json.loads((output_dir / "run_config.json").read_text())
+    assert os.path.isfile(output_dir / "adapter_model.safetensors")
+    assert "--freeze_vision_tower" in config["command"] and "--num_generations 2" in config["command"]
+    assert "rewards/length_reward/mean" in result.stdout + result.stderr
